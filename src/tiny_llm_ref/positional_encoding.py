@@ -1,0 +1,52 @@
+"""Week 1 Day 2: rotary positional embeddings (RoPE), both layouts."""
+
+import mlx.core as mx
+
+
+class RoPE:
+    """Rotate pairs of features by position-dependent angles.
+
+    traditional=True pairs neighbouring features (0,1), (2,3), ... (the original paper, GGUF);
+    traditional=False pairs feature i with i + dims/2 (the Hugging Face "rotate_half" layout).
+    """
+
+    def __init__(
+        self,
+        dims: int,
+        seq_len: int,
+        base: float = 10000.0,
+        traditional: bool = False,
+        freqs: mx.array | None = None,
+    ):
+        if dims % 2:
+            raise ValueError(f"RoPE needs an even number of dims, got {dims}")
+        self.dims = dims
+        self.seq_len = seq_len
+        self.traditional = traditional
+        half = dims // 2
+        if freqs is None:  # inverse frequencies base^(-2i/dims)
+            freqs = 1.0 / (base ** (mx.arange(0, half, dtype=mx.float32) / half))
+        if freqs.shape != (half,):
+            raise ValueError(f"freqs must have shape ({half},), got {freqs.shape}")
+        angles = mx.arange(seq_len, dtype=mx.float32)[:, None] * freqs[None, :]
+        self.cos = mx.cos(angles)  # [seq_len, dims/2]
+        self.sin = mx.sin(angles)
+
+    def __call__(self, x: mx.array, offset: "int | list[int] | mx.array" = 0) -> mx.array:
+        """x: [B, L, H, D]; offset: the position of x[:, 0], one int or one per sequence."""
+        B, L, H, D = x.shape
+        if D != self.dims:
+            raise ValueError(f"RoPE built for {self.dims} dims, input has {D}")
+        offs = mx.array(offset, dtype=mx.int32).reshape(-1, 1)  # [1 or B, 1]
+        pos = offs + mx.arange(L, dtype=mx.int32)[None, :]  # [1 or B, L]
+        cos = self.cos[pos][:, :, None, :]  # [1 or B, L, 1, D/2]
+        sin = self.sin[pos][:, :, None, :]
+        x32 = x.astype(mx.float32)
+        if self.traditional:
+            pairs = x32.reshape(B, L, H, D // 2, 2)
+            x1, x2 = pairs[..., 0], pairs[..., 1]
+            out = mx.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).reshape(B, L, H, D)
+        else:
+            x1, x2 = x32[..., : D // 2], x32[..., D // 2 :]
+            out = mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+        return out.astype(x.dtype)
