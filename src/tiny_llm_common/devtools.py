@@ -116,8 +116,6 @@ def post_install() -> None:
     from tiny_llm_common.models.smollm2 import ensure_smollm2_gguf
 
     ensure_smollm2_gguf(verbose=True)
-    build_ref = ROOT / "src" / "tiny_llm_common" / "build_ext.py"
-    if build_ref.exists():
-        from tiny_llm_common.build_ext import build
+    from tiny_llm_common.build_ext import build
 
-        build("ref", quiet_ok=True)
+    build("ref")
