@@ -43,20 +43,23 @@ def _sort_key(path: Path) -> tuple[int, int]:
     return (int(m.group(1)), int(m.group(2))) if m else (99, 99)
 
 
-def _parser(prog: str, allow_paths: bool) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"pdm run {prog}")
+def _parse(prog: str, allow_paths: bool, argv: list[str] | None) -> argparse.Namespace:
+    """Our options, then pytest's: `pdm run test --week 1 --day 2 -- -x -k rope`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(prog=f"pdm run {prog}", epilog="Arguments after -- go to pytest.")
     p.add_argument("--week", type=int, help="week number (1-3)")
     p.add_argument("--day", type=int, help="day number within the week")
     if allow_paths:
         p.add_argument("paths", nargs="*", help="grader files, e.g. tests_refsol/test_week_3_day_2.py")
-    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: passed to pytest")
-    return p
+    args, unknown = p.parse_known_args(argv[:cut])
+    args.pytest_args = unknown + argv[cut + 1 :]
+    return args
 
 
 def _run_pytest(files: list[Path], solution: str, extra: list[str]) -> int:
     env = dict(os.environ)
     env[SOLUTION_ENV] = solution
-    extra = [a for a in extra if a != "--"]
     cmd = [sys.executable, "-m", "pytest", *map(str, files), *extra]
     print(f"[{solution}] {' '.join(cmd[1:])}", flush=True)
     return subprocess.call(cmd, env=env, cwd=ROOT)
@@ -73,7 +76,7 @@ def copy_tests(week: int, day: int) -> Path:
 
 
 def cmd_copy_test(argv: list[str] | None = None) -> None:
-    args = _parser("copy-test", allow_paths=False).parse_args(argv)
+    args = _parse("copy-test", False, argv)
     if args.week is None or args.day is None:
         raise SystemExit("usage: pdm run copy-test --week W --day D")
     print(f"copied to {copy_tests(args.week, args.day).relative_to(ROOT)}")
@@ -81,7 +84,7 @@ def cmd_copy_test(argv: list[str] | None = None) -> None:
 
 def cmd_test(argv: list[str] | None = None) -> None:
     """Grade the learner's code (src/tiny_llm) for one day, or a whole week."""
-    args = _parser("test", allow_paths=False).parse_args(argv)
+    args = _parse("test", False, argv)
     if args.week is None:
         raise SystemExit("usage: pdm run test --week W [--day D] [-- pytest args]")
     days = [args.day] if args.day is not None else [_sort_key(f)[1] for f in _graders_for(args.week, None)]
@@ -91,7 +94,7 @@ def cmd_test(argv: list[str] | None = None) -> None:
 
 def cmd_test_refsol(argv: list[str] | None = None) -> None:
     """Run the graders against the reference solution (src/tiny_llm_ref)."""
-    args = _parser("test-refsol", allow_paths=True).parse_args(argv)
+    args = _parse("test-refsol", True, argv)
     if args.paths:
         files = [Path(p).resolve() for p in args.paths]
         missing = [str(p) for p in files if not p.exists()]
