@@ -34,7 +34,10 @@ class MultiHeadAttention:
         wv: mx.array,
         wo: mx.array,
     ):
-        assert hidden_size % num_heads == 0, "hidden_size must be a multiple of num_heads"
+        if num_heads <= 0 or hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads})"
+            )
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
@@ -56,6 +59,10 @@ class MultiHeadAttention:
 
 def causal_mask(L: int, S: int, dtype: mx.Dtype = mx.float32) -> mx.array:
     """[L, S] additive mask: query i (the last L of S positions) sees keys 0 .. S - L + i."""
+    if not 0 < L <= S:
+        raise ValueError(
+            f"causal_mask needs 0 < L <= S (queries are the last L keys), got L={L}, S={S}"
+        )
     rows = mx.arange(L)[:, None] + (S - L)
     cols = mx.arange(S)[None, :]
     return mx.where(cols > rows, mx.array(-mx.inf, dtype=dtype), mx.array(0, dtype=dtype))
@@ -75,8 +82,14 @@ def scaled_dot_product_attention_grouped(
     """
     *batch, h_q, L, D = query.shape
     h_kv, S = key.shape[-3], key.shape[-2]
+    if key.shape[-1] != D or value.shape[-2] != S or value.shape[-3] != h_kv:
+        raise ValueError(
+            f"shapes do not fit: query {query.shape}, key {key.shape}, value {value.shape}"
+        )
     if h_q % h_kv != 0:
         raise ValueError(f"query heads ({h_q}) must be a multiple of key/value heads ({h_kv})")
+    if isinstance(mask, str) and mask != "causal":
+        raise ValueError(f"unknown mask {mask!r}: use 'causal', an array or None")
     n_rep = h_q // h_kv
     factor = 1.0 / math.sqrt(D) if scale is None else scale
     # Group the query heads instead of copying K/V n_rep times: [..., H_kv, n_rep, L, D].
@@ -85,11 +98,9 @@ def scaled_dot_product_attention_grouped(
     v = mx.expand_dims(value, -3)
     scores = (q @ k.swapaxes(-2, -1)) * factor
     if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"unknown mask {mask!r}: use 'causal', an array or None")
         scores = scores + causal_mask(L, S, scores.dtype)
     elif mask is not None:
         m = mx.broadcast_to(mask, (*batch, h_q, L, S)).reshape(*batch, h_kv, n_rep, L, S)
         scores = scores + m
     out = softmax(scores, axis=-1) @ v
-    return out.reshape(*batch, h_q, L, D)
+    return out.reshape(*batch, h_q, L, value.shape[-1])

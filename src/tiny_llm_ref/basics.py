@@ -1,4 +1,4 @@
-"""Week 1 Day 1: the building blocks every layer uses."""
+"""Week 1 Day 1 (softmax, linear) and Day 4 (silu): the building blocks every layer uses."""
 
 import mlx.core as mx
 

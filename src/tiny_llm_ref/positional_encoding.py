@@ -28,7 +28,8 @@ class RoPE:
             freqs = 1.0 / (base ** (mx.arange(0, half, dtype=mx.float32) / half))
         if freqs.shape != (half,):
             raise ValueError(f"freqs must have shape ({half},), got {freqs.shape}")
-        angles = mx.arange(seq_len, dtype=mx.float32)[:, None] * freqs[None, :]
+        self.freqs = freqs.astype(mx.float32)  # [dims/2]: the angle per position of each pair
+        angles = mx.arange(seq_len, dtype=mx.float32)[:, None] * self.freqs[None, :]
         self.cos = mx.cos(angles)  # [seq_len, dims/2]
         self.sin = mx.sin(angles)
 
@@ -37,6 +38,7 @@ class RoPE:
         B, L, H, D = x.shape
         if D != self.dims:
             raise ValueError(f"RoPE built for {self.dims} dims, input has {D}")
+        self._check_offset(offset, B, L)
         offs = mx.array(offset, dtype=mx.int32).reshape(-1, 1)  # [1 or B, 1]
         pos = offs + mx.arange(L, dtype=mx.int32)[None, :]  # [1 or B, L]
         cos = self.cos[pos][:, :, None, :]  # [1 or B, L, 1, D/2]
@@ -50,3 +52,19 @@ class RoPE:
             x1, x2 = x32[..., : D // 2], x32[..., D // 2 :]
             out = mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
         return out.astype(x.dtype)
+
+    def _check_offset(self, offset, batch: int, length: int) -> None:
+        """Host-side checks for int / list offsets. An mx.array is not checked: reading it
+        would force a device sync on every layer; the cache that produces it keeps it in range."""
+        if isinstance(offset, mx.array):
+            if offset.ndim > 1 or offset.size not in (1, batch):
+                raise ValueError(f"offset array must have 1 or {batch} entries, got {offset.shape}")
+            return
+        offs = list(offset) if isinstance(offset, list | tuple) else [offset]
+        if len(offs) not in (1, batch):
+            raise ValueError(f"need 1 or {batch} offsets, got {len(offs)}")
+        if min(offs) < 0 or max(offs) + length > self.seq_len:
+            raise ValueError(
+                f"positions {min(offs)}..{max(offs) + length - 1} outside the table "
+                f"of {self.seq_len} positions (seq_len)"
+            )

