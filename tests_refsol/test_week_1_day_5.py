@@ -287,41 +287,6 @@ def test_model_rejects_tokens_that_are_not_2d():
 # --- The real model: SmolLM2-135M-Instruct (Q4_1 GGUF, 8-bit embedding table) --------------------
 
 
-def smollm2_mlx_lm_model(args, weights):
-    """mlx-lm's llama Model with the same tensors, quantized layer by layer as they come."""
-    import mlx.nn as nn
-    from mlx_lm.models import llama
-
-    config = {k: v for k, v in vars(args).items() if v is not None}
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    layouts = {
-        name.removesuffix(".weight"): (v.group_size, v.bits)
-        for name, v in weights.items()
-        if isinstance(v, QuantizedWeights)
-    }
-
-    def predicate(path, module):
-        if path not in layouts:
-            return False
-        gs, bits = layouts[path]
-        return {"group_size": gs, "bits": bits}
-
-    nn.quantize(model, class_predicate=predicate)
-    flat = []
-    for name, v in weights.items():
-        if isinstance(v, QuantizedWeights):
-            m = name.removesuffix(".weight")
-            flat += [
-                (f"{m}.weight", v.weight),
-                (f"{m}.scales", v.scales),
-                (f"{m}.biases", v.biases),
-            ]
-        else:
-            flat.append((name, v))
-    model.load_weights(flat, strict=True)
-    return model
-
-
 @pytest.fixture(scope="module")
 def smollm2():
     from tiny_llm_common.models import load_model
@@ -332,9 +297,11 @@ def smollm2():
 def test_smollm2_matches_mlx_lm(smollm2):
     args, weights = smollm2.args, smollm2.weights
     assert isinstance(weights["model.embed_tokens.weight"], QuantizedWeights)
-    tokens = mx.array([[1, 504, 3575, 282, 4649, 314, 2]], dtype=mx.int32)
+    ids = smollm2.tokenizer.encode("The capital of France is")
+    tokens = mx.array([ids], dtype=mx.int32)
     logits = sol.model.Model(args, weights)(tokens)
-    expected = smollm2_mlx_lm_model(args, weights)(tokens).astype(mx.float32)
+    # Written in the hub's layout (4-bit layers, the 8-bit embedding as a per-layer override).
+    expected = mlx_lm_oracle(args, weights)(tokens).astype(mx.float32)
     # Both compute in float32 (the norms' dtype) and agree to ~1e-4 on logits of about +-25;
     # running the layers in the float16 of the scales instead is off by ~0.7.
     assert_allclose(logits, expected, atol=1e-3, what="SmolLM2 logits")

@@ -29,11 +29,11 @@ nb::dict command_to_dict(const tiny_llm::Command& c) {
     if (b.kind == Kind::Bytes) {
       buffers[nb::int_(index)] = nb::make_tuple(
           "bytes",
-          nb::bytes(reinterpret_cast<const char*>(b.bytes.data()),
-                    b.bytes.size()));
+          nb::bytes(
+              reinterpret_cast<const char*>(b.bytes.data()), b.bytes.size()));
     } else {
-      buffers[nb::int_(index)] = nb::make_tuple(
-          b.kind == Kind::Input ? "input" : "output", b.array);
+      buffers[nb::int_(index)] =
+          nb::make_tuple(b.kind == Kind::Input ? "input" : "output", b.array);
       if (b.offset != 0) {
         offsets[nb::int_(index)] = b.offset;
       }

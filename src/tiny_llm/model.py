@@ -1,5 +1,7 @@
 """Week 1 Day 5: the Llama / Qwen2 / Qwen3 decoder, built from weights in the hub's names."""
 
+from __future__ import annotations
+
 import math  # noqa: F401  (llama3_inv_freqs needs math.pi)
 
 import mlx.core as mx
@@ -118,8 +120,11 @@ class Model:
                 f"({self.args.max_position_embeddings})"
             )
         # TODO: embed the tokens (quantized_embedding for a QuantizedWeights table, plain
-        # indexing otherwise), run every layer with its own cache entry (None when cache is
-        # None), apply the final norm and the output projection, return float32 logits.
+        # indexing otherwise) and cast them to the dtype of the final norm's weight (float32 for
+        # the GGUF model: its float16 scales would otherwise make every layer run in float16,
+        # slow on a CPU and not what mlx-lm computes); run every layer with its own cache entry
+        # (None when cache is None); apply the final norm and the output projection; return
+        # float32 logits.
         raise NotImplementedError(
             "Week 1 Day 5, task 7: implement `Model.__call__` in src/tiny_llm/model.py"
         )

@@ -43,7 +43,9 @@ class Extension:
 
 def extension(which: Which, root: Path = ROOT) -> Extension:
     if which == "ref":
-        return Extension("tiny_llm_ext_ref", root / "src/extensions_ref", root / "src/tiny_llm_ext_ref")
+        return Extension(
+            "tiny_llm_ext_ref", root / "src/extensions_ref", root / "src/tiny_llm_ext_ref"
+        )
     if which == "learner":
         return Extension("tiny_llm_ext", root / "src/extensions", root / "src/tiny_llm_ext")
     raise ValueError(f"build(which={which!r}): expected 'ref' or 'learner'")
@@ -72,7 +74,9 @@ def build(
     """
     ext = extension(which)
     try:
-        return _build(ext, Path(build_dir) if build_dir else ext.build_dir, clean, verbose, check_import)
+        return _build(
+            ext, Path(build_dir) if build_dir else ext.build_dir, clean, verbose, check_import
+        )
     except BuildError as e:
         if e.details:
             print(e.details.rstrip(), file=sys.stderr)
@@ -172,13 +176,17 @@ def _diagnose(lines: list[str], step: str) -> BuildError:
     return BuildError(_cause(text, step), _relevant(lines))
 
 
+# Ninja's progress lines and the (very long) compiler command lines.
+_NOISE = re.compile(r"\[\d+/\d+\] |\S*(xcrun|c\+\+|g\+\+|clang\+\+)\s.*\s-c\s")
+
+
 def _relevant(lines: list[str], limit: int = 40) -> str:
     """The error lines with a little context, at most `limit` lines, no progress noise."""
     keep: set[int] = set()
     for i, line in enumerate(lines):
         if _ERROR_LINE.search(line):
             keep.update(range(max(0, i - 1), min(len(lines), i + 3)))
-    picked = [lines[i] for i in sorted(keep) if not re.match(r"\[\d+/\d+\] ", lines[i])]
+    picked = [lines[i] for i in sorted(keep) if not _NOISE.match(lines[i])]
     if not picked:
         picked = lines[-limit:]
     if len(picked) > limit:
@@ -187,9 +195,16 @@ def _relevant(lines: list[str], limit: int = 40) -> str:
 
 
 def _cause(text: str, step: str) -> str:
-    if re.search(r"No CMAKE_CXX_COMPILER could be found|CMAKE_CXX_COMPILER.*(not a full path|not found)", text, re.S) or (
-        "is not able to compile a simple test program" in text
-    ):
+    if "compiler specified in the environment variable CXX" in text:
+        return (
+            f"no C++ compiler: $CXX is {os.environ.get('CXX', '')!r}, which is not a compiler; "
+            "unset it or point it at g++ or clang++"
+        )
+    if re.search(
+        r"No CMAKE_CXX_COMPILER could be found|CMAKE_CXX_COMPILER.*(not a full path|not found)",
+        text,
+        re.S,
+    ) or ("is not able to compile a simple test program" in text):
         return (
             "no C++ compiler: install one (Debian/Ubuntu: `apt-get install g++`; macOS: "
             "`xcode-select --install`) or fix $CXX"
@@ -199,9 +214,14 @@ def _cause(text: str, step: str) -> str:
             "the Metal compiler is missing: install Xcode (Xcode 26 also needs "
             "`xcodebuild -downloadComponent MetalToolchain`)"
         )
-    if re.search(r"Could not find a package configuration file provided by \"MLX\"|MLX_DIR|libmlx\.so: cannot open", text):
+    if re.search(
+        r"Could not find a package configuration file provided by \"MLX\"|MLX_DIR|libmlx\.so: cannot open",
+        text,
+    ):
         return "CMake cannot find MLX: on Linux install `mlx[cpu]` (run `pdm install`)"
-    if "nanobind" in text and re.search(r"Could not find a package configuration file|nanobind_DIR", text):
+    if "nanobind" in text and re.search(
+        r"Could not find a package configuration file|nanobind_DIR", text
+    ):
         return "CMake cannot find nanobind: run `pdm install`"
     m = re.search(r"^(\S+\.metal):(\d+):\d+: error", text, re.M)
     if m:
@@ -242,8 +262,12 @@ def _check_import(ext: Extension) -> None:
         "_ext.swiglu(mx.zeros((2,)), mx.zeros((2,)))\n"
     )
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ext.package_dir.parent), env.get("PYTHONPATH")]))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(ext.package_dir.parent), env.get("PYTHONPATH")])
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT
+    )
     if r.returncode != 0:
         err = r.stderr.strip().splitlines()
         last = err[-1] if err else "(no output)"
@@ -257,34 +281,42 @@ def _check_import(ext: Extension) -> None:
 
 
 def _rel(p: Path) -> str:
+    p = Path(p)
     try:
-        return str(Path(p).resolve().relative_to(ROOT))
+        return str(p.resolve().relative_to(ROOT)) if p.is_absolute() else str(p)
     except ValueError:
         return str(p)
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"pdm run {prog}")
+    p = argparse.ArgumentParser(prog=prog)
     p.add_argument("--clean", action="store_true", help="delete the build folder first")
-    p.add_argument("--verbose", action="store_true", help="show CMake's and the compiler's full output")
+    p.add_argument(
+        "--verbose", action="store_true", help="show CMake's and the compiler's full output"
+    )
     p.add_argument("--build-dir", type=Path, help="build here instead of src/extensions*/build")
     return p
 
 
-def _main(which: Which, prog: str, argv: list[str] | None) -> None:
-    args = _parser(prog).parse_args(argv)
-    build(which, build_dir=args.build_dir, clean=args.clean, verbose=args.verbose)
-
-
 def cmd_build_ext(argv: list[str] | None = None) -> None:
     """`pdm run build-ext`: build the learner's extension (src/extensions -> tiny_llm_ext)."""
-    _main("learner", "build-ext", argv)
+    args = _parser("pdm run build-ext").parse_args(argv)
+    build("learner", build_dir=args.build_dir, clean=args.clean, verbose=args.verbose)
 
 
 def cmd_build_ext_ref(argv: list[str] | None = None) -> None:
     """`pdm run build-ext-ref`: build the reference extension (src/extensions_ref -> tiny_llm_ext_ref)."""
-    _main("ref", "build-ext-ref", argv)
+    args = _parser("pdm run build-ext-ref").parse_args(argv)
+    build("ref", build_dir=args.build_dir, clean=args.clean, verbose=args.verbose)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tiny_llm_common.build_ext {ref,learner} [--clean] [--verbose] [--build-dir DIR]`."""
+    p = _parser("python -m tiny_llm_common.build_ext")
+    p.add_argument("which", choices=["ref", "learner"])
+    args = p.parse_args(argv)
+    build(args.which, build_dir=args.build_dir, clean=args.clean, verbose=args.verbose)
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1] if len(sys.argv) > 1 else "ref", "build-ext", sys.argv[2:])  # type: ignore[arg-type]
+    main()

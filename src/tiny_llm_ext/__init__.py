@@ -14,8 +14,6 @@ SOURCE_DIR = Path(__file__).resolve().parents[1] / "extensions"
 try:
     from ._ext import _plan_swiglu, swiglu
 except ImportError as e:  # not built yet, or built for another Python/MLX
-    raise ImportError(
-        f"tiny_llm_ext is not built ({e}): run `pdm run build-ext`"
-    ) from e
+    raise ImportError(f"tiny_llm_ext is not built ({e}): run `pdm run build-ext`") from e
 
 __all__ = ["SOURCE_DIR", "_plan_swiglu", "swiglu"]

@@ -5,6 +5,8 @@ contract"): `offset` is the position of the first new token (the RoPE offset) an
 `attend(q, k, v, scale)` stores the new keys and values and attends over everything stored.
 """
 
+from __future__ import annotations
+
 import mlx.core as mx
 
 from .attention import causal_mask, scaled_dot_product_attention_grouped

@@ -1,5 +1,7 @@
 """Week 1 Day 5: the Llama / Qwen2 / Qwen3 decoder, built from weights in the hub's names."""
 
+from __future__ import annotations
+
 import math
 
 import mlx.core as mx

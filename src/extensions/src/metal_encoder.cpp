@@ -1,4 +1,5 @@
-// Compiled only where MLX was built with Metal (the macOS wheels define _METAL_).
+// Compiled only where MLX was built with Metal (the macOS wheels define
+// _METAL_).
 #ifdef _METAL_
 
 #include "metal_encoder.h"

@@ -13,7 +13,7 @@ namespace tiny_llm {
 struct Binding {
   enum class Kind { Input, Output, Bytes };
   Kind kind = Kind::Bytes;
-  int array = -1; // Input/Output: index into the primitive's inputs/outputs
+  int array = -1;     // Input/Output: index into the primitive's inputs/outputs
   int64_t offset = 0; // Input/Output: byte offset of the array in its buffer
   std::vector<uint8_t> bytes; // Bytes: the data
 };
@@ -21,8 +21,8 @@ struct Binding {
 struct Command {
   std::string kernel;
   bool per_thread = false; // dispatch_threads (true) or dispatch_threadgroups
-  Size3 grid; // threadgroups, or threads when per_thread
-  Size3 group; // threads per threadgroup
+  Size3 grid;              // threadgroups, or threads when per_thread
+  Size3 group;             // threads per threadgroup
   std::map<int, Binding> buffers;
   std::map<int, size_t> threadgroup_memory;
 };

@@ -17,9 +17,7 @@ namespace mx = mlx::core;
 // inputs' dtype. gate and up broadcast against each other like NumPy arrays
 // and must share one of float32, float16, bfloat16.
 mx::array swiglu(
-    const mx::array& gate,
-    const mx::array& up,
-    mx::StreamOrDevice s = {});
+    const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
 
 // The Metal dispatch for evaluated inputs (already broadcast to one shape):
 // what eval_gpu encodes on a Mac and plan_swiglu records everywhere.

@@ -34,6 +34,7 @@ template <typename T>
   // out[i] = silu(gate) * up.
 }
 
+// clang-format off
 #define instantiate_swiglu(name, type)                                     \
   template [[host_name("swiglu_contiguous_" #name)]] [[kernel]] void       \
   swiglu_contiguous<type>(                                                 \
@@ -57,3 +58,4 @@ template <typename T>
 instantiate_swiglu(float32, float)
 instantiate_swiglu(float16, half)
 instantiate_swiglu(bfloat16, bfloat)
+    // clang-format on

@@ -1,4 +1,5 @@
-// The encoder interface every GPU dispatch in this extension is written against.
+// The encoder interface every GPU dispatch in this extension is written
+// against.
 //
 // An op's dispatch code (which kernel, which buffer goes to which index, how
 // many threads) is written once, as a function taking an `Encoder&`. Two

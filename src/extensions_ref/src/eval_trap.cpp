@@ -22,8 +22,7 @@ mx::array swiglu_synchronous(const mx::array& gate, const mx::array& up) {
 }
 
 void SwigluSynchronous::eval_cpu(
-    const std::vector<mx::array>& inputs,
-    mx::array& out) {
+    const std::vector<mx::array>& inputs, mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
   // WRONG on purpose: this runs while MLX walks the graph, before the tasks
   // that compute `inputs` have run, so it reads whatever their freshly

@@ -55,9 +55,7 @@ inline void check_float(const char* op, const char* arg, const mx::array& a) {
 
 // Offset in elements of the `linear`-th element (row-major order) of a view.
 inline int64_t strided_offset(
-    size_t linear,
-    const mx::Shape& shape,
-    const mx::Strides& strides) {
+    size_t linear, const mx::Shape& shape, const mx::Strides& strides) {
   int64_t offset = 0;
   for (int i = static_cast<int>(shape.size()) - 1; i >= 0; --i) {
     size_t extent = static_cast<size_t>(shape[i]);

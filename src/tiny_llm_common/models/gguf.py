@@ -42,8 +42,10 @@ _GLOBAL_NAMES = {
 }
 
 
-def load_gguf(path: str | Path) -> tuple[ModelArgs, dict, dict]:
-    """Read a Llama GGUF: (ModelArgs, weights in the hub's names, the GGUF metadata)."""
+def load_gguf(path: str | Path, unpermute: bool = True) -> tuple[ModelArgs, dict, dict]:
+    """Read a Llama GGUF: (ModelArgs, weights in the hub's names, the GGUF metadata).
+
+    `unpermute=False` keeps llama.cpp's Q/K row order (then only interleaved RoPE is right)."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"no such GGUF file: {path}")
@@ -52,7 +54,7 @@ def load_gguf(path: str | Path) -> tuple[ModelArgs, dict, dict]:
     except (ValueError, RuntimeError) as e:
         raise ModelLoadError(f"cannot read {path} as GGUF: {e}") from None
     args = args_from_metadata(metadata, has_output="output.weight" in tensors)
-    return args, convert_tensors(tensors, args), metadata
+    return args, convert_tensors(tensors, args, unpermute=unpermute), metadata
 
 
 _REQUIRED = object()
@@ -140,7 +142,7 @@ def _quantized(hub: str, w: mx.array, scales: mx.array, biases: mx.array, args: 
     return QuantizedWeights(weight=w, scales=scales, biases=biases, group_size=group, bits=bits)
 
 
-def convert_tensors(tensors: dict[str, mx.array], args: ModelArgs) -> dict:
+def convert_tensors(tensors: dict[str, mx.array], args: ModelArgs, unpermute: bool = True) -> dict:
     """Rename to the hub's names, group quantized triples, un-permute Q and K."""
     out: dict = {}
     for name, value in tensors.items():
@@ -155,7 +157,7 @@ def convert_tensors(tensors: dict[str, mx.array], args: ModelArgs) -> dict:
         n_heads = {"q_proj": args.num_attention_heads, "k_proj": args.num_key_value_heads}.get(
             hub.split(".")[-2]
         )
-        if n_heads is not None:
+        if unpermute and n_heads is not None:
             if isinstance(value, QuantizedWeights):
                 value.weight, value.scales, value.biases = (
                     unpermute_rows(a, n_heads) for a in (value.weight, value.scales, value.biases)

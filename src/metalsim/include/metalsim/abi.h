@@ -59,8 +59,8 @@ struct ms_param_layout {  // from the C++ type of the parameter
 
 // What one emulated GPU thread receives; the generated entry turns it into kernel arguments.
 struct ms_thread_args {
-  void* buffers[METALSIM_MAX_BINDINGS];
-  void* threadgroup[METALSIM_MAX_BINDINGS];
+  void* const* buffers;      // METALSIM_MAX_BINDINGS entries, by buffer index
+  void* const* threadgroup;  // METALSIM_MAX_BINDINGS entries, by threadgroup index
   ms_uint3 builtin[MS_NUM_BUILTINS];
 };
 
@@ -105,6 +105,7 @@ struct ms_dispatch {
   int32_t nthreadgroup;
   const ms_binding* threadgroup;  // only index and nbytes are used
   uint32_t stack_kib;             // per emulated thread
+  uint32_t timeout_s;             // fiber mode: give up after this long (0: never)
 };
 
 }  // extern "C"

@@ -1,6 +1,7 @@
 // MSL scalar types: half (_Float16), bfloat (round-to-nearest-even struct), the integer names,
 // and the traits the rest of the shim dispatches on.
 #pragma once
+#pragma GCC system_header
 #include <cstdint>
 #include <type_traits>
 

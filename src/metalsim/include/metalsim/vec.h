@@ -2,6 +2,7 @@
 // 4-vector), component and swizzle access (.x, .xy, .zyx, .rgba, ...), element-wise operators,
 // and packed_vec<T, N> (packed_float3 and friends, no padding).
 #pragma once
+#pragma GCC system_header
 #include "scalar.h"
 #include "swizzles.inc"
 
@@ -61,8 +62,9 @@ constexpr bool distinct() {
   return true;
 }
 
-// Element-wise operators as hidden friends: found through ADL for vec<T, N> and for anything
-// deriving from vec_ops<vec<T, N>> (swizzles, packed vectors), with implicit conversions.
+// Element-wise operators as hidden friends of vec<T, N> (a base class, so found through ADL and
+// with implicit conversions of the other operand). Swizzles and packed vectors are proxies:
+// their operators (below) convert them to vec<T, N> first.
 template <class V>
 struct vec_ops;
 template <class T, int N>
@@ -161,7 +163,7 @@ struct vec_ops<vec<T, N>> {
 
 // A swizzle: a view of the whole storage of a vec<T, N> that reads and writes components I...
 template <class T, int N, int... I>
-struct swz : vec_ops<vec<T, int(sizeof...(I))>> {
+struct swz {
   static constexpr int M = sizeof...(I);
   using V = vec<T, M>;
   T d[N == 3 ? 4 : N];
@@ -300,7 +302,7 @@ struct alignas(sizeof(T) * (N == 3 ? 4 : N)) vec : vec_storage<T, N>, vec_ops<ve
 
 // packed_float3 and friends: no padding, element alignment; converts to and from vec<T, N>.
 template <class T, int N>
-struct packed_vec : vec_ops<vec<T, N>> {
+struct packed_vec {
   T d[N];
   packed_vec() = default;
   packed_vec(const vec<T, N>& v) {
@@ -325,6 +327,49 @@ struct packed_vec : vec_ops<vec<T, N>> {
     return *this = vec<T, N>(vec<T, N>(*this) * u);
   }
 };
+
+template <class X>
+struct is_proxy : std::false_type {};
+template <class T, int N, int... I>
+struct is_proxy<swz<T, N, I...>> : std::true_type {};
+template <class T, int N>
+struct is_proxy<packed_vec<T, N>> : std::true_type {};
+template <class X>
+inline constexpr bool is_proxy_v = is_proxy<std::remove_cvref_t<X>>::value;
+
+#define MS_PROXY_BINARY(op)                                                   \
+  template <class S, class U>                                                 \
+    requires is_proxy_v<S>                                                    \
+  auto operator op(const S& a, const U& b) {                                  \
+    return norm_t<S>(a) op b;                                                 \
+  }                                                                           \
+  template <class U, class S>                                                 \
+    requires(is_proxy_v<S> && !is_proxy_v<U>)                                 \
+  auto operator op(const U& a, const S& b) {                                  \
+    return a op norm_t<S>(b);                                                 \
+  }
+MS_PROXY_BINARY(+)
+MS_PROXY_BINARY(-)
+MS_PROXY_BINARY(*)
+MS_PROXY_BINARY(/)
+MS_PROXY_BINARY(%)
+MS_PROXY_BINARY(&)
+MS_PROXY_BINARY(|)
+MS_PROXY_BINARY(^)
+MS_PROXY_BINARY(<<)
+MS_PROXY_BINARY(>>)
+MS_PROXY_BINARY(==)
+MS_PROXY_BINARY(!=)
+MS_PROXY_BINARY(<)
+MS_PROXY_BINARY(>)
+MS_PROXY_BINARY(<=)
+MS_PROXY_BINARY(>=)
+#undef MS_PROXY_BINARY
+template <class S>
+  requires is_proxy_v<S>
+auto operator-(const S& a) {
+  return -norm_t<S>(a);
+}
 
 }  // namespace metalsim
 
