@@ -528,3 +528,31 @@ def test_cli_bad_arguments_are_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: unknown model 'gpt-5'")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_hub_config_with_transformers5_rope_parameters():
+    from tiny_llm_common.models.hub import args_from_config
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = dict(
+        model_type="llama",
+        hidden_size=2048,
+        num_hidden_layers=16,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_parameters=rope,
+    )
+    a = args_from_config(config, has_lm_head=False)
+    assert a.rope_theta == 500000.0 and a.head_dim == 64 and a.tie_word_embeddings
+    assert a.rope_scaling == {k: v for k, v in rope.items() if k != "rope_theta"}
+    with pytest.raises(ModelLoadError, match="unsupported model_type 'gpt2'"):
+        args_from_config({**config, "model_type": "gpt2"}, has_lm_head=False)

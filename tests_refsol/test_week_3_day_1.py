@@ -12,8 +12,16 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from tiny_llm_common.grading import solution_name
 
@@ -292,16 +300,8 @@ def test_bad_arguments_raise_clear_errors():
 
 
 # -- random operations against a model ---------------------------------------------------------
-KINDS = ["allocate"] * 2 + ["decode"] * 3 + ["extend", "fork"] + ["free"] * 2
-# One integer per operation (drawing three made generation the slowest part of the test), shown
-# decoded as (kind, which live sequence, size) when hypothesis reports a failing example.
-OP = st.integers(0, len(KINDS) * 1000 * 41 - 1).map(
-    lambda x: (KINDS[x % len(KINDS)], x // len(KINDS) % 1000, x // len(KINDS) // 1000)
-)
-
-
 def check_invariants(mgr, lens, family):
-    """lens: seq id -> tokens; family: seq id -> the sequence it was forked from, at the root."""
+    """lens: seq id -> tokens; family: seq id -> the sequence its fork chain started from."""
     bs, n_blocks = mgr.block_size, mgr.num_blocks
     tables = {s: check_table(mgr, s, n) for s, n in lens.items()}
     holders: dict[int, list[tuple[object, int]]] = {}
@@ -327,78 +327,102 @@ def check_invariants(mgr, lens, family):
     assert u.internal_fragmentation == len(holders) * bs - stored
 
 
-@settings(
-    max_examples=50,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    phases=[Phase.generate, Phase.shrink],  # no "explain" phase: it reruns a failure many times
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(
-    num_blocks=st.integers(1, 32),
-    block_size=st.integers(1, 8),
-    ops=st.lists(OP, min_size=200, max_size=300),
-)
-def random_operations(num_blocks, block_size, ops):
-    mgr = BlockManager(num_blocks, block_size)
-    lens, family, next_id = {}, {}, 0
-    for kind, pick, n in ops:
-        live = list(lens)
-        n = n * block_size // 10  # 0 to 4 blocks' worth of tokens
-        if kind == "allocate" or not live:  # with nothing to grow, fork or free: allocate
-            seq, next_id = next_id, next_id + 1
-            fits = mgr.blocks_needed(n) <= mgr.num_free_blocks
-            assert mgr.can_allocate(n) == fits
-            if fits:
+SIZE = st.integers(0, 30)  # tenths of a block: 0 to 3 blocks' worth of tokens
+PICK = st.integers(0, 1000)  # which live sequence (modulo how many there are)
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Random allocate / decode / extend / fork / free on a small pool; a model that knows only
+    each sequence's length and fork family checks the manager after every step."""
+
+    @initialize(num_blocks=st.integers(1, 48), block_size=st.integers(1, 8))
+    def make_pool(self, num_blocks, block_size):
+        self.mgr = BlockManager(num_blocks, block_size)
+        self.lens, self.family, self.next_id = {}, {}, 0
+
+    def tokens(self, tenths):
+        return tenths * self.mgr.block_size // 10
+
+    def pick(self, pick):
+        return list(self.lens)[pick % len(self.lens)]
+
+    @rule(size=SIZE)
+    def allocate(self, size):
+        mgr, n, seq = self.mgr, self.tokens(size), self.next_id
+        self.next_id += 1
+        fits = mgr.blocks_needed(n) <= mgr.num_free_blocks
+        assert mgr.can_allocate(n) == fits
+        if fits:
+            mgr.allocate(seq, n)
+            self.lens[seq], self.family[seq] = n, seq
+        else:
+            before = snapshot(mgr, self.lens, [seq])
+            with pytest.raises(OutOfBlocksError):
                 mgr.allocate(seq, n)
-                lens[seq], family[seq] = n, seq
-            else:
-                before = snapshot(mgr, live, [seq])
-                with pytest.raises(OutOfBlocksError):
-                    mgr.allocate(seq, n)
-                assert snapshot(mgr, live, [seq]) == before, "a failed allocate changed state"
-        elif kind in ("decode", "extend"):
-            seq = live[pick % len(live)]
-            n = 1 if kind == "decode" else n
-            length, table = lens[seq], mgr.block_table(seq)
-            cow = n > 0 and length % block_size != 0 and mgr.ref_count(table[-1]) > 1
-            need = math.ceil((length + n) / block_size) - len(table) + cow
-            fits = need <= mgr.num_free_blocks
-            assert mgr.can_append(seq, n) == fits, (length, n, cow, need)
-            if fits:
-                copies = mgr.append(seq, n)
-                lens[seq] += n
-                new = mgr.block_table(seq)
-                kept = length // block_size  # full blocks never move
-                assert new[:kept] == table[:kept]
-                if cow:
-                    assert new[kept] != table[kept] and copies == [(table[kept], new[kept])]
-                else:
-                    assert copies == [] and new[: len(table)] == table
-            else:
-                before = snapshot(mgr, live)
-                with pytest.raises(OutOfBlocksError):
-                    mgr.append(seq, n)
-                assert snapshot(mgr, live) == before, "a failed append changed state"
-        elif kind == "fork":
-            parent, child = live[pick % len(live)], next_id
-            next_id += 1
-            used = mgr.num_used_blocks
-            mgr.fork(parent, child)
-            assert mgr.block_table(child) == mgr.block_table(parent)
-            assert mgr.num_used_blocks == used
-            lens[child], family[child] = lens[parent], family[parent]
-        else:  # free
-            seq = live[pick % len(live)]
-            mgr.free(seq)
-            del lens[seq]
-            assert seq not in mgr
-        check_invariants(mgr, lens, family)
-    for seq in list(lens):  # at the end every block comes back, once
-        mgr.free(seq)
-    assert mgr.num_free_blocks == num_blocks
-    assert sorted(mgr.allocate("all", num_blocks * block_size)) == list(range(num_blocks))
+            assert snapshot(mgr, self.lens, [seq]) == before, "a failed allocate changed state"
+
+    def grow(self, seq, n):
+        mgr, bs = self.mgr, self.mgr.block_size
+        length, table = self.lens[seq], mgr.block_table(seq)
+        cow = n > 0 and length % bs != 0 and mgr.ref_count(table[-1]) > 1
+        need = math.ceil((length + n) / bs) - len(table) + cow
+        fits = need <= mgr.num_free_blocks
+        assert mgr.can_append(seq, n) == fits, f"len {length} + {n}, copy {cow}, {need} blocks"
+        if not fits:
+            before = snapshot(mgr, self.lens)
+            with pytest.raises(OutOfBlocksError):
+                mgr.append(seq, n)
+            assert snapshot(mgr, self.lens) == before, "a failed append changed state"
+            return
+        copies = mgr.append(seq, n)
+        self.lens[seq] += n
+        new, kept = mgr.block_table(seq), length // bs  # full blocks never move
+        assert new[:kept] == table[:kept]
+        if cow:
+            assert new[kept] != table[kept] and copies == [(table[kept], new[kept])]
+        else:
+            assert copies == [] and new[: len(table)] == table
+
+    @precondition(lambda self: self.lens)
+    @rule(pick=PICK)
+    def decode(self, pick):
+        self.grow(self.pick(pick), 1)
+
+    @precondition(lambda self: self.lens)
+    @rule(pick=PICK, size=SIZE)
+    def extend(self, pick, size):
+        self.grow(self.pick(pick), self.tokens(size) // 2)
+
+    @precondition(lambda self: self.lens)
+    @rule(pick=PICK)
+    def fork(self, pick):
+        parent, child, used = self.pick(pick), self.next_id, self.mgr.num_used_blocks
+        self.next_id += 1
+        self.mgr.fork(parent, child)
+        assert self.mgr.block_table(child) == self.mgr.block_table(parent)
+        assert self.mgr.num_used_blocks == used, "fork took new blocks"
+        self.lens[child], self.family[child] = self.lens[parent], self.family[parent]
+
+    @precondition(lambda self: self.lens)
+    @rule(pick=PICK)
+    def free(self, pick):
+        seq = self.pick(pick)
+        self.mgr.free(seq)
+        del self.lens[seq]
+        assert seq not in self.mgr
+
+    @invariant()
+    def consistent(self):
+        check_invariants(self.mgr, self.lens, self.family)
+
+    def teardown(self):
+        if not hasattr(self, "mgr"):
+            return
+        for seq in list(self.lens):  # at the end every block comes back, once
+            self.mgr.free(seq)
+        n = self.mgr.num_blocks
+        assert self.mgr.num_free_blocks == n
+        assert sorted(self.mgr.allocate("all", n * self.mgr.block_size)) == list(range(n))
 
 
 def test_random_operations_keep_every_invariant():
@@ -410,4 +434,17 @@ def test_random_operations_keep_every_invariant():
     mgr.append(1)
     mgr.free(0)
     mgr.usage()
-    random_operations()
+    # 50 runs of 300 steps: about 15,000 operations, each followed by every check.
+    run_state_machine_as_test(
+        BlockManagerMachine,
+        settings=settings(
+            max_examples=50,
+            stateful_step_count=300,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            report_multiple_bugs=False,
+            phases=[Phase.generate, Phase.shrink],  # no "explain": it reruns a failure at length
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        ),
+    )

@@ -19,10 +19,13 @@ nb::tuple size3(const tiny_llm::Size3& s) {
 
 // One recorded command as the dict tiny_llm_common.metal_dispatch.run_plan
 // reads: buffers map a [[buffer(i)]] index to ("input", k), ("output", k) or
-// ("bytes", b"..."); buffer_offsets give the byte offset of a bound array.
+// ("bytes", b"..."); buffer_offsets give the byte offset of a bound array;
+// input_memory holds each bound input's buffer (from its start), so run_plan
+// can replay the plan without being given the inputs.
 nb::dict command_to_dict(const tiny_llm::Command& c) {
   nb::dict buffers;
   nb::dict offsets;
+  nb::dict memory;
   for (const auto& [index, b] : c.buffers) {
     using Kind = tiny_llm::Binding::Kind;
     if (b.kind == Kind::Bytes) {
@@ -35,6 +38,10 @@ nb::dict command_to_dict(const tiny_llm::Command& c) {
           nb::make_tuple(b.kind == Kind::Input ? "input" : "output", b.array);
       if (b.offset != 0) {
         offsets[nb::int_(index)] = b.offset;
+      }
+      if (b.memory) {
+        memory[nb::int_(b.array)] = nb::bytes(
+            reinterpret_cast<const char*>(b.memory->data()), b.memory->size());
       }
     }
   }
@@ -50,6 +57,7 @@ nb::dict command_to_dict(const tiny_llm::Command& c) {
   d["buffers"] = buffers;
   d["buffer_offsets"] = offsets;
   d["threadgroup_memory"] = tgmem;
+  d["input_memory"] = memory;
   return d;
 }
 

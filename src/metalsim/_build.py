@@ -263,7 +263,7 @@ def build(
     needs_support = not (cache_dir() / "support" / _support_key(tc) / "ok").is_file()
     if not quiet:
         print(
-            f"metalsim: compiling {path.name} (first time, ~{_estimate(needs_support):.0f}s)",
+            f"metalsim: compiling {path.name} (first time, ~{max(1, round(_estimate(needs_support)))}s)",
             file=sys.stderr,
             flush=True,
         )

@@ -51,7 +51,9 @@ def _parse(prog: str, allow_paths: bool, argv: list[str] | None) -> argparse.Nam
     p.add_argument("--week", type=int, help="week number (1-3)")
     p.add_argument("--day", type=int, help="day number within the week")
     if allow_paths:
-        p.add_argument("paths", nargs="*", help="grader files, e.g. tests_refsol/test_week_3_day_2.py")
+        p.add_argument(
+            "paths", nargs="*", help="grader files, e.g. tests_refsol/test_week_3_day_2.py"
+        )
     args, unknown = p.parse_known_args(argv[:cut])
     args.pytest_args = unknown + argv[cut + 1 :]
     return args
@@ -87,7 +89,11 @@ def cmd_test(argv: list[str] | None = None) -> None:
     args = _parse("test", False, argv)
     if args.week is None:
         raise SystemExit("usage: pdm run test --week W [--day D] [-- pytest args]")
-    days = [args.day] if args.day is not None else [_sort_key(f)[1] for f in _graders_for(args.week, None)]
+    days = (
+        [args.day]
+        if args.day is not None
+        else [_sort_key(f)[1] for f in _graders_for(args.week, None)]
+    )
     files = [copy_tests(args.week, d) for d in days]
     sys.exit(_run_pytest(files, "tiny_llm", args.pytest_args))
 
@@ -108,17 +114,23 @@ def cmd_test_refsol(argv: list[str] | None = None) -> None:
     sys.exit(_run_pytest(files, "tiny_llm_ref", args.pytest_args))
 
 
-def cmd_fetch_model(argv: list[str] | None = None) -> None:
+def _fetch_model() -> Path:
+    from tiny_llm_common.models import ModelLoadError
     from tiny_llm_common.models.smollm2 import ensure_smollm2_gguf
 
-    print(ensure_smollm2_gguf(verbose=True))
+    try:
+        return ensure_smollm2_gguf(verbose=True)
+    except ModelLoadError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def cmd_fetch_model(argv: list[str] | None = None) -> None:
+    print(_fetch_model())
 
 
 def post_install() -> None:
     """Run by `pdm install`: fetch the default model and build the reference extension."""
-    from tiny_llm_common.models.smollm2 import ensure_smollm2_gguf
-
-    ensure_smollm2_gguf(verbose=True)
+    _fetch_model()
     from tiny_llm_common.build_ext import build
 
     build("ref")

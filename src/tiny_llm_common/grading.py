@@ -47,7 +47,11 @@ def assert_allclose(actual, expected, *, atol: float, rtol: float = 0.0, what: s
     assert a.shape == e.shape, f"{what}: shape {a.shape}, expected {e.shape}"
     err = float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64)))) if a.size else 0.0
     np.testing.assert_allclose(
-        a, e, atol=atol, rtol=rtol, err_msg=f"{what}: max abs error {err:.3g} (atol={atol}, rtol={rtol})"
+        a,
+        e,
+        atol=atol,
+        rtol=rtol,
+        err_msg=f"{what}: max abs error {err:.3g} (atol={atol}, rtol={rtol})",
     )
 
 

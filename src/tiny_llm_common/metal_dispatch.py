@@ -11,7 +11,8 @@ of dicts:
      "threads_per_threadgroup": (x, y, z),
      "buffers": {0: ("input", 0), 2: ("output", 0), 3: ("bytes", b"...")},
      "buffer_offsets": {0: 64},                   # byte offset of a bound array, when not 0
-     "threadgroup_memory": {0: 4096}}
+     "threadgroup_memory": {0: 4096},
+     "input_memory": {0: b"..."}}                 # each bound input's buffer, from its start
 
 `run_plan` executes those commands on the `.metal` source with `metalsim`, so Linux checks the
 kernel *and* the host code that launches it, exactly as eval_gpu would launch it.
@@ -39,7 +40,7 @@ def storage_dtype(dtype) -> np.dtype:
 def run_plan(
     metal_path: str | Path,
     plan: Sequence[Mapping],
-    inputs: Sequence[np.ndarray],
+    inputs: Sequence[np.ndarray] | None,
     output_shapes_dtypes: Sequence[tuple[Shape, object]],
     *,
     defines: Mapping[str, object] | None = None,
@@ -50,9 +51,11 @@ def run_plan(
     inputs[k] is the memory the op's k-th input lives in, as the plan describes it: for a
     contiguous array, just its values (bfloat16 as uint16 bits); for a view (transposed, sliced,
     broadcast), the array it is a view of, since the plan carries the view's strides and byte
-    offset. output_shapes_dtypes[k] is (shape, dtype) of the k-th output, dtype a NumPy dtype or
-    "bfloat16". Outputs start filled with 0xFF bytes, a NaN in every float format, so an element
-    no thread writes shows up. Returns the outputs (bfloat16 as uint16 bits).
+    offset. With inputs=None the memory recorded in the plan is used (what eval_gpu would bind),
+    so nothing about MLX's memory layout has to be guessed. output_shapes_dtypes[k] is (shape,
+    dtype) of the k-th output, dtype a NumPy dtype or "bfloat16". Outputs start filled with 0xFF
+    bytes, a NaN in every float format, so an element no thread writes shows up. Returns the
+    outputs (bfloat16 as uint16 bits).
     """
     import metalsim
 
@@ -66,7 +69,7 @@ def run_plan(
         out = np.empty(tuple(shape), dtype=storage_dtype(dtype))
         out.view(np.uint8)[...] = 0xFF
         outputs.append(out)
-    flat_inputs = [np.ascontiguousarray(x) for x in inputs]
+    given = None if inputs is None else [np.ascontiguousarray(x) for x in inputs]
 
     for n, cmd in enumerate(plan):
         buffers: dict[int, np.ndarray | bytes] = {}
@@ -75,9 +78,11 @@ def run_plan(
             if kind == "bytes":
                 buffers[index] = bytes(value)
             elif kind == "input":
-                buffers[index] = _at_offset(
-                    _pick(flat_inputs, value, "input", cmd, n), offsets.get(index, 0), cmd, n
-                )
+                if given is None:
+                    memory = np.frombuffer(cmd["input_memory"][value], dtype=np.uint8)
+                else:
+                    memory = _pick(given, value, "input", cmd, n)
+                buffers[index] = _at_offset(memory, offsets.get(index, 0), cmd, n)
             elif kind == "output":
                 buffers[index] = _at_offset(
                     _pick(outputs, value, "output", cmd, n), offsets.get(index, 0), cmd, n

@@ -1,5 +1,6 @@
 #include "recording_encoder.h"
 
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 
@@ -40,11 +41,29 @@ void check_threadgroup_memory(size_t nbytes) {
   }
 }
 
+// The bytes of `a`'s buffer from its start through the last byte a reaches.
+static std::shared_ptr<const std::vector<uint8_t>> memory_of(
+    const mlx::core::array& a) {
+  auto memory = std::make_shared<std::vector<uint8_t>>();
+  if (a.size() == 0) {
+    return memory;
+  }
+  int64_t last = 0; // element offset of the farthest element past data()
+  for (size_t i = 0; i < a.ndim(); ++i) {
+    last += std::max<int64_t>(0, int64_t(a.shape(i) - 1) * a.strides()[i]);
+  }
+  const uint8_t* begin = a.data<uint8_t>() - a.offset();
+  size_t end = a.offset() + (last + 1) * a.itemsize();
+  memory->assign(begin, begin + end);
+  return memory;
+}
+
 RecordingEncoder::RecordingEncoder(
     const std::vector<mlx::core::array>& inputs,
     const std::vector<mlx::core::array>& outputs) {
   for (auto& a : inputs) {
     input_offsets_.push_back(a.offset());
+    input_memory_.push_back(memory_of(a));
   }
   // Outputs are allocated fresh by eval_gpu, so they start at offset 0.
   output_offsets_.assign(outputs.size(), 0);
@@ -69,8 +88,12 @@ void RecordingEncoder::set_input(int input, int index) {
     throw std::out_of_range(
         "set_input: the primitive has no input " + std::to_string(input));
   }
-  current_.buffers[index] =
-      Binding{Binding::Kind::Input, input, input_offsets_[input], {}};
+  current_.buffers[index] = Binding{
+      Binding::Kind::Input,
+      input,
+      input_offsets_[input],
+      {},
+      input_memory_[input]};
 }
 
 void RecordingEncoder::set_output(int output, int index) {

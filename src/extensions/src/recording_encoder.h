@@ -2,6 +2,7 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,9 @@ struct Binding {
   int array = -1;     // Input/Output: index into the primitive's inputs/outputs
   int64_t offset = 0; // Input/Output: byte offset of the array in its buffer
   std::vector<uint8_t> bytes; // Bytes: the data
+  // Input: the array's memory, from the start of its buffer through its last
+  // element, so the plan can be replayed without knowing how MLX laid it out.
+  std::shared_ptr<const std::vector<uint8_t>> memory;
 };
 
 struct Command {
@@ -49,6 +53,7 @@ class RecordingEncoder : public Encoder {
   void dispatch(Size3 grid, Size3 group, bool per_thread);
 
   std::vector<int64_t> input_offsets_;
+  std::vector<std::shared_ptr<const std::vector<uint8_t>>> input_memory_;
   std::vector<int64_t> output_offsets_;
   // Bound state persists across dispatches, as on a MTLComputeCommandEncoder.
   Command current_;

@@ -35,15 +35,15 @@ template <typename T>
 }
 
 // clang-format off
-#define instantiate_swiglu(name, type)                                     \
-  template [[host_name("swiglu_contiguous_" #name)]] [[kernel]] void       \
+#define instantiate_swiglu(type, contiguous_name, strided_name)            \
+  template [[host_name(contiguous_name)]] [[kernel]] void                  \
   swiglu_contiguous<type>(                                                 \
       device const type* gate [[buffer(0)]],                               \
       device const type* up [[buffer(1)]],                                 \
       device type* out [[buffer(2)]],                                      \
       constant uint& n [[buffer(3)]],                                      \
       uint i [[thread_position_in_grid]]);                                 \
-  template [[host_name("swiglu_strided_" #name)]] [[kernel]] void          \
+  template [[host_name(strided_name)]] [[kernel]] void                     \
   swiglu_strided<type>(                                                    \
       device const type* gate [[buffer(0)]],                               \
       device const type* up [[buffer(1)]],                                 \
@@ -55,7 +55,8 @@ template <typename T>
       constant int64_t* up_strides [[buffer(7)]],                          \
       uint i [[thread_position_in_grid]]);
 
-instantiate_swiglu(float32, float)
-instantiate_swiglu(float16, half)
-instantiate_swiglu(bfloat16, bfloat)
-    // clang-format on
+// Host names: swiglu_{contiguous,strided}_<dtype>, as encode_swiglu builds them.
+instantiate_swiglu(float, "swiglu_contiguous_float32", "swiglu_strided_float32")
+instantiate_swiglu(half, "swiglu_contiguous_float16", "swiglu_strided_float16")
+instantiate_swiglu(bfloat, "swiglu_contiguous_bfloat16", "swiglu_strided_bfloat16")
+// clang-format on

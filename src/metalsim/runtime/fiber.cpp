@@ -45,7 +45,8 @@ const char* fiber_impl_name() { return "ucontext"; }
 extern "C" void ms_fiber_switch(void** save_sp, void* new_sp);
 extern "C" void ms_fiber_trampoline();
 
-// System V: rbx, rbp, r12-r15 are callee-saved, plus the SSE and x87 control words.
+// System V: rbx, rbp, r12-r15 are callee-saved. The SSE/x87 control words are not switched:
+// every fiber of a dispatch shares the dispatching thread's (kernels cannot change them).
 __asm__(".text\n" MS_FUNC_BEGIN(ms_fiber_switch)
         "  pushq %rbp\n"
         "  pushq %rbx\n"
@@ -53,14 +54,8 @@ __asm__(".text\n" MS_FUNC_BEGIN(ms_fiber_switch)
         "  pushq %r13\n"
         "  pushq %r14\n"
         "  pushq %r15\n"
-        "  subq $8, %rsp\n"
-        "  stmxcsr (%rsp)\n"
-        "  fnstcw 4(%rsp)\n"
         "  movq %rsp, (%rdi)\n"
         "  movq %rsi, %rsp\n"
-        "  ldmxcsr (%rsp)\n"
-        "  fldcw 4(%rsp)\n"
-        "  addq $8, %rsp\n"
         "  popq %r15\n"
         "  popq %r14\n"
         "  popq %r13\n"
@@ -84,13 +79,6 @@ void Fiber::init(char* lo, std::size_t size, void (*fn)(void*), void* arg) {
   *--p = reinterpret_cast<uint64_t>(fn);     // r13
   *--p = 0;                                  // r14
   *--p = 0;                                  // r15
-  --p;
-  uint32_t mxcsr;
-  uint16_t fcw;
-  __asm__ volatile("stmxcsr %0" : "=m"(mxcsr));
-  __asm__ volatile("fnstcw %0" : "=m"(fcw));
-  reinterpret_cast<uint32_t*>(p)[0] = mxcsr;
-  reinterpret_cast<uint16_t*>(p)[2] = fcw;
   sp = p;
 }
 

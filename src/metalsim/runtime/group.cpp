@@ -116,13 +116,15 @@ void block(Group& g, ThreadCtx* t, GroupLock& lock, State s, const char* what, c
     return;
   }
   if (g.blocked == g.alive) record_failure(g, deadlock_message(g));
-  g.cv.wait(lock.lk, [&] { return t->state == State::Running || g.failed; });
+  std::condition_variable& cv = s == State::WaitSimd ? g.sg_cv[t->sg] : g.bar_cv;
+  cv.wait(lock.lk, [&] { return t->state == State::Running || g.failed; });
   if (g.failed) throw GroupFailed();
 }
 
 void complete_simd(Group& g, SimdState& s, uint32_t sg_index) {
   uint32_t waiting = s.arrived;
   s.mask[s.gen & 1] = s.active;
+  s.shared_valid[s.gen & 1] = 0;
   ++s.gen;
   s.arrived = 0;
   for (uint32_t l = 0; l < 32; ++l) {
@@ -130,7 +132,7 @@ void complete_simd(Group& g, SimdState& s, uint32_t sg_index) {
     ThreadCtx& t = g.threads[sg_index * 32 + l];
     if (t.state == State::WaitSimd) wake(g, &t);
   }
-  if (g.mode == MS_MODE_THREAD) g.cv.notify_all();
+  if (g.mode == MS_MODE_THREAD) g.sg_cv[sg_index].notify_all();
 }
 
 void complete_barrier(Group& g) {
@@ -139,7 +141,7 @@ void complete_barrier(Group& g) {
   for (uint32_t sg = 0; sg < g.nsg; ++sg) g.sgs[sg].at_barrier = 0;
   for (uint32_t i = 0; i < g.n; ++i)
     if (g.threads[i].state == State::WaitBarrier) wake(g, &g.threads[i]);
-  if (g.mode == MS_MODE_THREAD) g.cv.notify_all();
+  if (g.mode == MS_MODE_THREAD) g.bar_cv.notify_all();
 }
 
 std::string peers_message(const Group& g, uint32_t sg, uint32_t mask, const char* verb) {
@@ -193,9 +195,10 @@ std::string fmt(const char* f, ...) {
 std::string describe_site(const site& s) { return fmt("%s:%u", s.file_name(), s.line()); }
 
 std::string describe_thread(const Group& g, const ThreadCtx& t) {
-  const ms_uint3& p = t.args.builtin[MS_THREAD_POSITION_IN_THREADGROUP - MS_ROLE_BUILTIN0];
-  return fmt("thread (%u,%u,%u) of threadgroup (%u,%u,%u) [index %u: simdgroup %u, lane %u]", p.x,
-             p.y, p.z, g.pos.x, g.pos.y, g.pos.z, t.index, t.sg, t.lane);
+  const ms_uint3& p = t.args.builtin[MS_THREAD_POSITION_IN_GRID - MS_ROLE_BUILTIN0];
+  return fmt("thread (%u,%u,%u) of the grid (threadgroup (%u,%u,%u), thread %u in it: simdgroup "
+             "%u, lane %u)",
+             p.x, p.y, p.z, g.pos.x, g.pos.y, g.pos.z, t.index, t.sg, t.lane);
 }
 
 std::string deadlock_message(const Group& g) {
@@ -228,7 +231,7 @@ void record_failure(Group& g, const std::string& message) {
     g.failed = true;
     g.error = message;
   }
-  if (g.mode == MS_MODE_THREAD) g.cv.notify_all();
+  if (g.mode == MS_MODE_THREAD) g.notify_all();
 }
 
 exchange_view simd_exchange(const void* value, uint32_t size, const char* what, const site& where) {
@@ -263,7 +266,9 @@ exchange_view simd_exchange(const void* value, uint32_t size, const char* what, 
     complete_simd(g, s, t->sg);
   else
     block(g, t, lock, State::WaitSimd, what, where);
-  return exchange_view{&s.slots[parity][0][0], s.mask[parity], t->lane};
+  const bool fibers = g.mode == MS_MODE_FIBER;
+  return exchange_view{&s.slots[parity][0][0], s.mask[parity], t->lane,
+                       fibers ? s.shared[parity] : nullptr, fibers ? &s.shared_valid[parity] : nullptr};
 }
 
 void simdgroup_barrier(const char* what, const site& where) { simd_exchange(nullptr, 0, what, where); }

@@ -38,6 +38,8 @@ struct SimdState {
   // Double-buffered: a lane can only reach call g+2 (which reuses call g's buffer) once every
   // lane has arrived at call g+1, that is, once every lane has read the results of call g.
   alignas(64) unsigned char slots[2][METALSIM_SIMD_WIDTH][METALSIM_SLOT_BYTES];
+  alignas(64) unsigned char shared[2][METALSIM_SIMD_WIDTH * METALSIM_SLOT_BYTES];
+  uint8_t shared_valid[2] = {0, 0};
 };
 
 struct TgStatic {  // a `threadgroup` variable declared in a function body
@@ -80,9 +82,15 @@ struct Group {
   std::vector<uint32_t> ready;
   uint32_t ready_head = 0, ready_count = 0;
 
-  // Thread mode.
+  // Thread mode: one condition variable per SIMD-group and one for the barrier, so that a
+  // completed call wakes only the threads that wait for it.
   std::mutex mu;
-  std::condition_variable cv;
+  std::condition_variable sg_cv[METALSIM_SIMD_WIDTH];
+  std::condition_variable bar_cv;
+  void notify_all() {
+    for (auto& cv : sg_cv) cv.notify_all();
+    bar_cv.notify_all();
+  }
 };
 
 // The emulated GPU thread running on this OS thread (fiber mode: the current fiber).

@@ -66,7 +66,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, verbose: bool = True) -> Loade
         elif path.exists():
             raise ModelLoadError(f"{path} is neither a .gguf file nor a directory with config.json")
         else:
-            raise ModelLoadError(f"no such file or directory: {path} (check the path)")
+            raise ModelLoadError(f"no such file or directory: {name_or_path} (check the path)")
         label = str(path)
     elif name_or_path in HUB_MODELS or name_or_path.count("/") == 1:
         args, weights, tokenizer, _ = load_hub_model(name_or_path)

@@ -55,6 +55,12 @@ def args_from_config(config: dict, has_lm_head: bool) -> ModelArgs:
         raise ModelLoadError(
             f"unsupported model_type {model_type!r}: expected 'llama', 'qwen2' or 'qwen3'"
         )
+    rope_theta, rope_scaling = config.get("rope_theta"), config.get("rope_scaling")
+    params = config.get("rope_parameters")  # transformers 5 nests both here
+    if isinstance(params, dict):
+        rope_theta = rope_theta or params.get("rope_theta")
+        if rope_scaling is None and params.get("rope_type", "default") != "default":
+            rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     if config.get("mlp_bias"):
         raise ModelLoadError("mlp_bias=true is not supported")
     try:
@@ -68,8 +74,8 @@ def args_from_config(config: dict, has_lm_head: bool) -> ModelArgs:
             vocab_size=config["vocab_size"],
             head_dim=config.get("head_dim"),
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta", 10000.0),
-            rope_scaling=config.get("rope_scaling"),
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=rope_scaling,
             max_position_embeddings=config.get("max_position_embeddings", 4096),
             # A tied checkpoint has no lm_head.weight; an untied one must have it.
             tie_word_embeddings=not has_lm_head,

@@ -117,6 +117,10 @@ struct exchange_view {
   const unsigned char* slots;  // METALSIM_SIMD_WIDTH slots of METALSIM_SLOT_BYTES
   uint32_t mask;               // lanes that took part (active lanes)
   uint32_t lane;               // the caller's lane
+  // Fiber mode: room for a result every lane of this call shares (a reduction, the prefix
+  // sums), computed by the first lane that reads it; null in thread mode.
+  unsigned char* shared;  // METALSIM_SIMD_WIDTH * METALSIM_SLOT_BYTES bytes
+  uint8_t* shared_valid;
 };
 exchange_view simd_exchange(const void* value, uint32_t size, const char* what, const site& where);
 void threadgroup_barrier(const char* what, const site& where);

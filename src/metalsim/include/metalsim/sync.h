@@ -33,60 +33,79 @@ template <class T>
 T from_lane(const rt::exchange_view& v, uint32_t src) {
   return has(v.mask, src) ? slot<T>(v, src) : poison<T>();
 }
+// All lanes of a call compute the same reduction: the first lane to get here computes it (a
+// pairwise tree over the active lanes, as a GPU's butterfly would) and the others reuse it.
 template <class T, class F>
-T reduce(const rt::exchange_view& v, uint32_t upto_exclusive, F f, T identity) {
-  T acc = identity;
-  bool first = true;
-  for (uint32_t l = 0; l < upto_exclusive; ++l) {
-    if (!has(v.mask, l)) continue;
-    acc = first ? slot<T>(v, l) : T(f(acc, slot<T>(v, l)));
-    first = false;
+T reduce(const rt::exchange_view& v, F f) {
+  if (v.shared && *v.shared_valid) return *reinterpret_cast<const T*>(v.shared);
+  T vals[32];
+  int n = 0;
+  for (uint32_t l = 0; l < 32; ++l)
+    if (has(v.mask, l)) vals[n++] = slot<T>(v, l);
+  while (n > 1) {
+    int half_n = n / 2;
+    for (int i = 0; i < half_n; ++i) vals[i] = T(f(vals[2 * i], vals[2 * i + 1]));
+    if (n & 1) vals[half_n] = vals[n - 1];
+    n = half_n + (n & 1);
   }
-  return acc;
+  if (v.shared) {
+    __builtin_memcpy(static_cast<void*>(v.shared), static_cast<const void*>(&vals[0]), sizeof(T));
+    *v.shared_valid = 1;
+  }
+  return vals[0];
 }
-template <class T>
-T zero() {
-  return T(0);
+// Prefix (scan) over the active lanes below the caller, computed once for all lanes.
+template <class T, class F>
+T prefix(const rt::exchange_view& v, F f, T identity, bool inclusive) {
+  T* all = reinterpret_cast<T*>(v.shared);
+  if (!(v.shared && *v.shared_valid)) {
+    T local[32];
+    T* out = v.shared ? all : local;
+    T acc = identity;
+    for (uint32_t l = 0; l < 32; ++l) {
+      out[l] = acc;  // exclusive
+      if (has(v.mask, l)) acc = T(f(acc, slot<T>(v, l)));
+    }
+    if (v.shared) {
+      *v.shared_valid = 1;
+    } else {
+      T r = local[v.lane];
+      return inclusive ? T(f(r, slot<T>(v, v.lane))) : r;
+    }
+  }
+  return inclusive ? T(f(all[v.lane], slot<T>(v, v.lane))) : all[v.lane];
 }
-
 }  // namespace metalsim::detail
 
 namespace metal {
 
 #define MS_SITE const ::metalsim::rt::site &ms_site = ::metalsim::rt::site::current()
-#define MS_REDUCE(name, expr, ident)                                                  \
-  template <class T>                                                                  \
-  T name(T x, MS_SITE) {                                                              \
-    auto v = ::metalsim::detail::exchange(x, #name, ms_site);                         \
-    return ::metalsim::detail::reduce<T>(                                             \
-        v, 32, [](const T& a, const T& b) { return expr; }, ident);                   \
-  }
-MS_REDUCE(simd_sum, a + b, ::metalsim::detail::zero<T>())
-MS_REDUCE(simd_product, a * b, T(1))
-MS_REDUCE(simd_max, ::metal::max(a, b), ::metalsim::detail::zero<T>())
-MS_REDUCE(simd_min, ::metal::min(a, b), ::metalsim::detail::zero<T>())
-MS_REDUCE(simd_and, a & b, ::metalsim::detail::zero<T>())
-MS_REDUCE(simd_or, a | b, ::metalsim::detail::zero<T>())
-MS_REDUCE(simd_xor, a ^ b, ::metalsim::detail::zero<T>())
-#undef MS_REDUCE
-
-#define MS_PREFIX(name, expr, ident, inclusive)                                        \
+#define MS_REDUCE(name, expr)                                                          \
   template <class T>                                                                   \
   T name(T x, MS_SITE) {                                                               \
     auto v = ::metalsim::detail::exchange(x, #name, ms_site);                          \
-    T acc = ident;                                                                     \
-    for (uint32_t l = 0; l < v.lane + (inclusive); ++l)                                \
-      if (::metalsim::detail::has(v.mask, l)) {                                        \
-        const T& b = ::metalsim::detail::slot<T>(v, l);                                \
-        const T& a = acc;                                                              \
-        acc = T(expr);                                                                 \
-      }                                                                                \
-    return acc;                                                                        \
+    return ::metalsim::detail::reduce<T>(v, [](const T& a, const T& b) { return expr; }); \
   }
-MS_PREFIX(simd_prefix_exclusive_sum, a + b, T(0), 0)
-MS_PREFIX(simd_prefix_inclusive_sum, a + b, T(0), 1)
-MS_PREFIX(simd_prefix_exclusive_product, a * b, T(1), 0)
-MS_PREFIX(simd_prefix_inclusive_product, a * b, T(1), 1)
+MS_REDUCE(simd_sum, a + b)
+MS_REDUCE(simd_product, a * b)
+MS_REDUCE(simd_max, ::metal::max(a, b))
+MS_REDUCE(simd_min, ::metal::min(a, b))
+MS_REDUCE(simd_and, a & b)
+MS_REDUCE(simd_or, a | b)
+MS_REDUCE(simd_xor, a ^ b)
+#undef MS_REDUCE
+
+#define MS_PREFIX(name, expr, ident, inclusive)                                            \
+  template <class T>                                                                       \
+  T name(T x, MS_SITE) {                                                                   \
+    auto v = ::metalsim::detail::exchange(x, #name, ms_site);                              \
+    return ::metalsim::detail::prefix<T>(                                                  \
+        v, [](const T& a, const T& b) { return expr; }, ident, inclusive);                 \
+  }
+MS_PREFIX(simd_prefix_exclusive_sum, a + b, T(0), false)
+MS_PREFIX(simd_prefix_inclusive_sum, a + b, T(0), true)
+MS_PREFIX(simd_prefix_exclusive_product, a * b, T(1), false)
+MS_PREFIX(simd_prefix_inclusive_product, a * b, T(1), true)
 #undef MS_PREFIX
 
 template <class T>

@@ -1,0 +1,179 @@
+"""Decode speed: the reference with its KV cache against mlx-lm on the same model and prompt.
+
+Both run greedy decoding of the same prompt for the same number of tokens (end-of-sequence
+ignored, so both produce exactly --max-tokens): ours through `generate_with_cache`, mlx-lm
+through `mlx_lm.generate.generate_step` (the loop under its `generate` and `stream_generate`),
+with mlx-lm's own llama Model built from the very tensors the course's loader returns. Decode
+speed is (tokens - 1) / (time of the last token - time of the first): prefill excluded. The two
+alternate for --rounds rounds so that a busy machine slows both alike; the median counts.
+
+--float32 casts the float16 quantization scales and biases (and any float16 tensor) to float32
+for both models: exact (every float16 is a float32), and on a CPU it changes the speed a lot.
+
+Ends with one JSON line (ours_tok_s, mlx_lm_tok_s, ratio = ours / mlx-lm, ...).
+Run: pdm run bench-decode [--model smollm2] [--max-tokens 32] [--rounds 3] [--float32]
+On Linux, preload OpenBLAS for float32 matmuls: LD_PRELOAD=/usr/lib/x86_64-linux-gnu/
+openblas-pthread/libopenblas.so.0 pdm run bench-decode (see book/src/week2-07-benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+from tiny_llm_common.models import load_model
+from tiny_llm_common.models.mlx_lm_oracle import build_mlx_lm_model
+from tiny_llm_common.weights import QuantizedWeights
+from tiny_llm_ref.decode import generate_with_cache
+from tiny_llm_ref.model import Model
+
+QUESTION = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+class NoEos:
+    """A tokenizer stand-in with no end-of-sequence token: both runs make exactly N tokens."""
+
+    eos_token_ids: set[int] = set()
+
+
+def describe_machine() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        name = next(
+            ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln
+        )
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{os.cpu_count()}-core {name}, {platform.system()}"
+
+
+def detect_blas() -> str:
+    """Which BLAS library MLX's CPU matmuls call, from the libraries this process mapped."""
+    mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))  # make sure the BLAS is loaded
+    if sys.platform == "darwin":
+        return "Accelerate (macOS)"
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    libs = {ln.split()[-1] for ln in maps.splitlines() if "blas" in ln.lower() and "/" in ln}
+    # NumPy's own OpenBLAS (libscipy_openblas64_) has renamed symbols: MLX cannot call it.
+    libs = sorted(lib for lib in libs if "scipy_openblas" not in lib)
+    names = ", ".join(Path(lib).name for lib in libs)
+    if any("openblas" in Path(lib).name.lower() for lib in libs):
+        return f"OpenBLAS, preloaded ({names})"
+    if any("mlx_cpu" in lib for lib in libs):
+        return f"the reference BLAS bundled with mlx-cpu ({names})"
+    return f"unknown ({names or 'no BLAS library mapped'})"
+
+
+def to_float32(weights: dict) -> dict:
+    def conv(a: mx.array) -> mx.array:
+        return a.astype(mx.float32) if a.dtype in (mx.float16, mx.bfloat16) else a
+
+    out = {}
+    for name, v in weights.items():
+        if isinstance(v, QuantizedWeights):
+            v = QuantizedWeights(v.weight, conv(v.scales), conv(v.biases), v.group_size, v.bits)
+        else:
+            v = conv(v)
+        out[name] = v
+    return out
+
+
+def time_ours(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    stamps: list[float] = []
+    out = generate_with_cache(
+        model, NoEos(), prompt, n, on_token=lambda _: stamps.append(time.perf_counter())
+    )
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), out
+
+
+def time_mlx_lm(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    from mlx_lm.generate import generate_step
+
+    stamps, out = [], []
+    for token, _ in generate_step(mx.array(prompt), model, max_tokens=n):
+        stamps.append(time.perf_counter())
+        out.append(int(token))
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--float32", action="store_true", help="float16 scales/tensors -> float32")
+    args = p.parse_args(argv)
+    if args.max_tokens < 2 or args.rounds < 1:
+        p.error("--max-tokens must be >= 2 and --rounds >= 1")
+
+    blas = detect_blas()
+    print(f"BLAS: {blas}")
+    if sys.platform.startswith("linux") and "OpenBLAS" not in blas:
+        print(
+            "  (float32 matmuls would be ~30x faster with OpenBLAS: apt-get install "
+            "libopenblas0-pthread, then LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/"
+            "libopenblas.so.0)"
+        )
+    loaded = load_model(args.model)
+    weights = to_float32(loaded.weights) if args.float32 else loaded.weights
+    tok = loaded.tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTION}]))
+    ours = Model(loaded.args, weights)
+    theirs = build_mlx_lm_model(loaded.args, weights)
+    dtype = "float32" if args.float32 else "as loaded"
+    print(f"prompt {len(prompt)} tokens, {args.max_tokens} new tokens, weights {dtype}")
+
+    ours_tps, theirs_tps, same = [], [], True
+    for r in range(args.rounds):
+        order = [("ours", ours), ("mlx-lm", theirs)]
+        if r % 2:
+            order.reverse()  # alternate who goes first
+        for name, model in order:
+            timer = time_ours if name == "ours" else time_mlx_lm
+            tps, out = timer(model, prompt, args.max_tokens)
+            (ours_tps if name == "ours" else theirs_tps).append(tps)
+            if name == "ours":
+                ours_out = out
+            else:
+                theirs_out = out
+            print(f"round {r + 1}: {name:7s} {tps:7.2f} tok/s", flush=True)
+        same = same and ours_out == theirs_out
+
+    ours_med, theirs_med = statistics.median(ours_tps), statistics.median(theirs_tps)
+    ratio = ours_med / theirs_med
+    print(f"\ndecode: ours {ours_med:.2f} tok/s, mlx-lm {theirs_med:.2f} tok/s, ratio {ratio:.2f}")
+    print(f"same tokens: {same}; text: {tok.decode(ours_out)!r}")
+    result = {
+        "bench": "decode",
+        "model": loaded.name,
+        "machine": describe_machine(),
+        "mlx": mx.__version__,
+        "blas": blas,
+        "weights": dtype,
+        "prompt_tokens": len(prompt),
+        "new_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "ours_tok_s": round(ours_med, 3),
+        "mlx_lm_tok_s": round(theirs_med, 3),
+        "ratio": round(ratio, 3),
+        "ours_all": [round(x, 3) for x in ours_tps],
+        "mlx_lm_all": [round(x, 3) for x in theirs_tps],
+        "same_tokens": same,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
