@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -103,17 +104,31 @@ def load(name: str | None, max_n: int):
     return loaded.name, Model(loaded.args, loaded.weights)
 
 
+def local_exponents(rows: list[dict]) -> None:
+    """Slope of log t between each measured point and the previous one of the same method."""
+    prev: dict[str, dict] = {}
+    for r in rows:
+        r["local_exponent"] = None
+        if r["seconds"] is None:
+            continue
+        p = prev.get(r["cache"])
+        if p is not None:
+            r["local_exponent"] = math.log(r["seconds"] / p["seconds"]) / math.log(r["n"] / p["n"])
+        prev[r["cache"]] = r
+
+
 def table(rows: list[dict]) -> str:
     lines = [
-        "| N | cache | time (s) | forward calls | positions run | peak memory (MiB) |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| N | cache | time (s) | local exponent | forward calls | positions run | peak memory (MiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         t = "skipped" if r["seconds"] is None else f"{r['seconds']:.3f}"
+        le = "" if r.get("local_exponent") is None else f"{r['local_exponent']:.2f}"
         calls = "" if r["seconds"] is None else r["calls"]
         pos = r["expected_positions"] if r["seconds"] is None else r["positions"]
         mem = "" if r["seconds"] is None else f"{r['peak_mb']:.1f}"
-        lines.append(f"| {r['n']} | {r['cache']} | {t} | {calls} | {pos} | {mem} |")
+        lines.append(f"| {r['n']} | {r['cache']} | {t} | {le} | {calls} | {pos} | {mem} |")
     return "\n".join(lines)
 
 
@@ -131,8 +146,8 @@ def plot(rows: list[dict], fits: dict, path: Path, title: str) -> None:
         ns, ts = zip(*pts, strict=True)
         e, c = fits[cache]
         label = f"{'no cache' if cache == 'none' else 'KV cache'}: t ~ N^{e:.2f}"
-        ax.loglog(ns, ts, marker=marker, linestyle="none", label=label)
-        ax.loglog(ns, [c * n**e for n in ns], linestyle="--", linewidth=1)
+        (points,) = ax.loglog(ns, ts, marker=marker, linestyle="none", label=label)
+        ax.loglog(ns, [c * n**e for n in ns], linestyle="--", linewidth=1, color=points.get_color())
     ax.set_xlabel("tokens generated N")
     ax.set_ylabel("seconds")
     ax.set_title(title, fontsize=9)
@@ -158,7 +173,8 @@ def main(argv=None) -> dict:
         p.error("every N must be >= 1")
 
     label, model = load(args.model, ns[-1])
-    model(mx.array([PROMPT], dtype=mx.int32))  # warm up
+    for gen in (simple_generate, generate_with_cache):  # warm up both paths
+        gen(model, None, PROMPT, 8)
     rows: list[dict] = []
     for cached in (False, True):
         cache = "contiguous" if cached else "none"
@@ -191,6 +207,7 @@ def main(argv=None) -> dict:
     for cache in ("none", "contiguous"):
         pts = [(r["n"], r["seconds"]) for r in rows if r["cache"] == cache and r["seconds"]]
         fits[cache] = fit_power_law(*zip(*pts, strict=True)) if len(pts) >= 2 else (None, None)
+    local_exponents(rows)
     print()
     print(table(rows))
     print()

@@ -36,16 +36,24 @@ def np_swiglu(g, u):
     return g / (1 + np.exp(-g)) * u
 
 
-def harness_error(metal_path: Path, gate: mx.array, up: mx.array, memory) -> float:
+def harness_error(metal_path: Path, gate: mx.array, up: mx.array, memory=None) -> float:
     """Max error of the recorded dispatch run on `metal_path` (as test_week_2_day_4 runs it)."""
     plan = ext()._plan_swiglu(gate, up)
     shape = np.broadcast_shapes(gate.shape, up.shape)
-    (out,) = run_plan(metal_path, plan, [buffer_of(m) for m in memory], [(shape, np.float32)])
+    inputs = None if memory is None else [buffer_of(m) for m in memory]
+    (out,) = run_plan(metal_path, plan, inputs, [(shape, np.float32)])
     expected = np_swiglu(mx.broadcast_to(gate, shape), mx.broadcast_to(up, shape))
-    return float(np.nanmax(np.abs(out - expected))) if not np.isnan(out).any() else float("inf")
+    return float(np.max(np.abs(out - expected))) if not np.isnan(out).any() else float("inf")
 
 
-# (description, text in swiglu.metal, replacement, which inputs exercise it)
+def _inputs(case: str):
+    rng = np.random.default_rng(0)
+    a, b = (mx.array(rng.standard_normal((9, 33)).astype(np.float32)) for _ in range(2))
+    c = mx.array(rng.standard_normal((33, 9)).astype(np.float32))
+    return {"contiguous": (a, b), "transposed": (a.T, b.T), "mixed": (a.T, c)}[case]
+
+
+# (description, text in swiglu.metal, replacement, the inputs that exercise it)
 PLANTED_BUGS = [
     (
         "contiguous: reads up one element late",
@@ -63,7 +71,7 @@ PLANTED_BUGS = [
         "strided: gate indexed with up's strides",
         "g += coord * gate_strides[axis];",
         "g += coord * up_strides[axis];",
-        "transposed",
+        "mixed",
     ),
 ]
 
@@ -78,12 +86,20 @@ def test_planted_metal_bug_is_caught(tmp_path, what, old, new, case):
     assert source.count(old) == 1, f"swiglu.metal changed: update the planted bug {what!r}"
     mutated = tmp_path / "swiglu.metal"
     mutated.write_text(source.replace(old, new))
-    rng = np.random.default_rng(0)
-    a = mx.array(rng.standard_normal((9, 33)).astype(np.float32))
-    b = mx.array(rng.standard_normal((9, 33)).astype(np.float32))
-    gate, up = (a, b) if case == "contiguous" else (a.T, b.T)
-    assert harness_error(METAL, gate, up, [a, b]) < 1e-5, "the unmodified kernel must pass"
-    assert harness_error(mutated, gate, up, [a, b]) > 1e-2, f"planted bug not caught: {what}"
+    gate, up = _inputs(case)
+    assert harness_error(METAL, gate, up) < 1e-5, "the unmodified kernel must pass"
+    assert harness_error(mutated, gate, up) > 1e-2, f"planted bug not caught: {what}"
+
+
+@pytest.mark.metal
+def test_run_plan_with_explicit_memory():
+    # The views a.T, b.T live in the memory of a and b: giving that memory explicitly must
+    # match the memory the plan recorded.
+    pytest.importorskip("metalsim", reason="the Metal-on-CPU harness (src/metalsim) is missing")
+    rng = np.random.default_rng(2)
+    a, b = (mx.array(rng.standard_normal((9, 33)).astype(np.float32)) for _ in range(2))
+    assert harness_error(METAL, a.T, b.T, memory=[a, b]) < 1e-5
+    assert harness_error(METAL, a[3:], b[3:], memory=[a, b]) < 1e-5  # bound at an offset
 
 
 def test_computing_inside_eval_cpu_is_caught():

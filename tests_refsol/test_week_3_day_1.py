@@ -335,6 +335,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     """Random allocate / decode / extend / fork / free on a small pool; a model that knows only
     each sequence's length and fork family checks the manager after every step."""
 
+    steps = 0  # operations run, over all examples
+
     @initialize(num_blocks=st.integers(1, 48), block_size=st.integers(1, 8))
     def make_pool(self, num_blocks, block_size):
         self.mgr = BlockManager(num_blocks, block_size)
@@ -350,6 +352,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def allocate(self, size):
         mgr, n, seq = self.mgr, self.tokens(size), self.next_id
         self.next_id += 1
+        BlockManagerMachine.steps += 1
         fits = mgr.blocks_needed(n) <= mgr.num_free_blocks
         assert mgr.can_allocate(n) == fits
         if fits:
@@ -363,6 +366,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     def grow(self, seq, n):
         mgr, bs = self.mgr, self.mgr.block_size
+        BlockManagerMachine.steps += 1
         length, table = self.lens[seq], mgr.block_table(seq)
         cow = n > 0 and length % bs != 0 and mgr.ref_count(table[-1]) > 1
         need = math.ceil((length + n) / bs) - len(table) + cow
@@ -398,18 +402,27 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def fork(self, pick):
         parent, child, used = self.pick(pick), self.next_id, self.mgr.num_used_blocks
         self.next_id += 1
+        BlockManagerMachine.steps += 1
         self.mgr.fork(parent, child)
         assert self.mgr.block_table(child) == self.mgr.block_table(parent)
         assert self.mgr.num_used_blocks == used, "fork took new blocks"
         self.lens[child], self.family[child] = self.lens[parent], self.family[parent]
 
-    @precondition(lambda self: self.lens)
-    @rule(pick=PICK)
-    def free(self, pick):
-        seq = self.pick(pick)
+    def drop(self, seq):
+        BlockManagerMachine.steps += 1
         self.mgr.free(seq)
         del self.lens[seq]
         assert seq not in self.mgr
+
+    @precondition(lambda self: self.lens)
+    @rule(pick=PICK)
+    def free(self, pick):
+        self.drop(self.pick(pick))
+
+    @precondition(lambda self: self.lens)
+    @rule()
+    def preempt(self):  # what a scheduler does when the pool is full: drop the newest sequence
+        self.drop(max(self.lens))
 
     @invariant()
     def consistent(self):
@@ -434,11 +447,11 @@ def test_random_operations_keep_every_invariant():
     mgr.append(1)
     mgr.free(0)
     mgr.usage()
-    # 50 runs of 300 steps: about 15,000 operations, each followed by every check.
+    BlockManagerMachine.steps = 0
     run_state_machine_as_test(
         BlockManagerMachine,
         settings=settings(
-            max_examples=50,
+            max_examples=60,  # about 14,000 operations in all
             stateful_step_count=300,
             deadline=None,
             derandomize=True,
@@ -448,3 +461,4 @@ def test_random_operations_keep_every_invariant():
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         ),
     )
+    assert BlockManagerMachine.steps >= 10_000, f"only {BlockManagerMachine.steps} operations ran"

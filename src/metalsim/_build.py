@@ -54,15 +54,14 @@ class Toolchain:
     def base_flags(self) -> list[str]:
         flags = ["-std=c++20", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing"]
         flags += ["-fno-math-errno", *FEATURE_MACROS, f"-I{INCLUDE_DIR}"]
-        if self.sanitize == "thread":
-            flags += ["-O1", "-g", "-fsanitize=thread"]
-        else:
-            flags += ["-O2"]
+        flags += ["-O1", "-g"] if self.sanitize == "thread" else ["-O2"]
         return flags
 
     def kernel_flags(self) -> list[str]:
         # Uninitialised private variables read as a pattern (NaN for floats), not as zero.
         flags = self.base_flags() + ["-ftrivial-auto-var-init=pattern", "-Winvalid-pch"]
+        if self.sanitize == "thread":
+            flags.append("-fsanitize=thread")  # the kernel's accesses; the runtime stays plain
         flags += ["-Wno-unknown-attributes"] if self.is_clang else ["-Wno-attributes"]
         return flags + ["-Wno-unknown-pragmas"]
 
@@ -70,6 +69,8 @@ class Toolchain:
         flags = self.base_flags()
         if self.fiber_impl == "ucontext":
             flags.append("-DMETALSIM_UCONTEXT=1")
+        if self.sanitize == "thread":
+            flags.append("-DMETALSIM_TSAN=1")
         return flags
 
     def ident(self) -> str:
@@ -95,6 +96,18 @@ def _toolchain(cxx_env: str | None, fiber_impl: str, sanitize: str) -> Toolchain
     )
 
 
+def _check_tsan_loaded() -> None:
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return  # not Linux: let the loader complain
+    if "libtsan" not in maps:
+        raise MetalSimCompileError(
+            "METALSIM_SANITIZE=thread needs ThreadSanitizer's runtime loaded first: run Python as "
+            "LD_PRELOAD=$(g++ -print-file-name=libtsan.so) python ..."
+        )
+
+
 def toolchain() -> Toolchain:
     fiber_impl = os.environ.get("METALSIM_FIBER_IMPL", "asm")
     if fiber_impl not in ("asm", "ucontext"):
@@ -102,6 +115,8 @@ def toolchain() -> Toolchain:
     sanitize = os.environ.get("METALSIM_SANITIZE", "")
     if sanitize not in ("", "thread"):
         raise MetalSimCompileError(f"METALSIM_SANITIZE={sanitize!r}: only 'thread' is supported")
+    if sanitize:
+        _check_tsan_loaded()
     return _toolchain(os.environ.get("CXX"), fiber_impl, sanitize)
 
 

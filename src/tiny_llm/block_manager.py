@@ -10,7 +10,6 @@ Chapter: book/src/week3-01-block-manager.md.
 
 from __future__ import annotations
 
-import numbers
 from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ class BlockUsage:
 
 
 def _count(name: str, value: int, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")

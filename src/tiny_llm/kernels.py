@@ -1,8 +1,8 @@
 """Week 2 Day 4: the course's own MLX primitives, from the C++/Metal extension.
 
-The kernels live in `src/extensions/` (C++ for the CPU, Metal for the GPU) and are built into
-the `tiny_llm_ext` package by `pdm run build-ext`. Importing this module does not need the
-extension; calling a kernel does.
+Your kernels live in `src/extensions/src/` (C++ for the CPU, Metal for the GPU; the tasks are in
+the Week 2 Day 4 chapter) and are built into the `tiny_llm_ext` package by `pdm run build-ext`.
+This wrapper is given. Importing this module does not need the extension; calling a kernel does.
 """
 
 import importlib

@@ -20,6 +20,7 @@ kernel *and* the host code that launches it, exactly as eval_gpu would launch it
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,6 +36,18 @@ def storage_dtype(dtype) -> np.dtype:
     if isinstance(dtype, str) and dtype == BFLOAT16:
         return np.dtype(np.uint16)
     return np.dtype(dtype)
+
+
+def harness_binds_offsets() -> bool:
+    """Whether metalsim can bind a buffer at a byte offset (`dispatch(..., buffer_offsets=)`).
+
+    Metal binds every MLX array at its offset into its buffer, and a view with negative strides
+    (`x[::-1]`) then reads *before* that offset. Without harness support, run_plan binds the
+    memory from the offset on, which is right for views whose strides are all >= 0.
+    """
+    import metalsim
+
+    return "buffer_offsets" in inspect.signature(metalsim.Library.dispatch).parameters
 
 
 def run_plan(
@@ -70,30 +83,35 @@ def run_plan(
         out.view(np.uint8)[...] = 0xFF
         outputs.append(out)
     given = None if inputs is None else [np.ascontiguousarray(x) for x in inputs]
+    native_offsets = harness_binds_offsets()
 
     for n, cmd in enumerate(plan):
         buffers: dict[int, np.ndarray | bytes] = {}
-        offsets = cmd.get("buffer_offsets", {})
+        offsets: dict[int, int] = {}
         for index, (kind, value) in cmd["buffers"].items():
             if kind == "bytes":
                 buffers[index] = bytes(value)
+                continue
+            if kind == "input" and given is None:
+                memory = np.frombuffer(cmd["input_memory"][value], dtype=np.uint8)
             elif kind == "input":
-                if given is None:
-                    memory = np.frombuffer(cmd["input_memory"][value], dtype=np.uint8)
-                else:
-                    memory = _pick(given, value, "input", cmd, n)
-                buffers[index] = _at_offset(memory, offsets.get(index, 0), cmd, n)
+                memory = _pick(given, value, "input", cmd, n)
             elif kind == "output":
-                buffers[index] = _at_offset(
-                    _pick(outputs, value, "output", cmd, n), offsets.get(index, 0), cmd, n
-                )
+                memory = _pick(outputs, value, "output", cmd, n)
             else:
                 raise ValueError(f"plan command {n} ({cmd['kernel']}): unknown binding {kind!r}")
+            offset = cmd.get("buffer_offsets", {}).get(index, 0)
+            if offset and native_offsets:
+                buffers[index], offsets[index] = memory, offset
+            else:
+                buffers[index] = _at_offset(memory, offset, cmd, n)
         kwargs = dict(
             threads_per_threadgroup=tuple(cmd["threads_per_threadgroup"]),
             buffers=buffers,
             threadgroup_memory=dict(cmd.get("threadgroup_memory", {})),
         )
+        if offsets:
+            kwargs["buffer_offsets"] = offsets
         if cmd["kind"] == "threads":
             lib.dispatch_threads(cmd["kernel"], threads=tuple(cmd["grid"]), **kwargs)
         elif cmd["kind"] == "threadgroups":

@@ -321,6 +321,7 @@ void run_entry_guarded(Group& g, ThreadCtx* t) {
     }
     r.armed = 0;
   } else {
+    SyncScope sync(g, nullptr);
     std::lock_guard<std::mutex> lk(g.mu);
     record_failure(g, describe_fault(r.sig, r.addr, r.is_write) + " by " + describe_thread(g, *t));
   }

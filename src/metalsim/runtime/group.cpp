@@ -150,6 +150,7 @@ std::string peers_message(const Group& g, uint32_t sg, uint32_t mask, const char
 
 void thread_finished(ThreadCtx* t) {
   Group& g = *t->group;
+  SyncScope sync(g, nullptr);
   GroupLock lock(g);
   t->state = State::Done;
   --g.alive;
@@ -237,9 +238,10 @@ void record_failure(Group& g, const std::string& message) {
 exchange_view simd_exchange(const void* value, uint32_t size, const char* what, const site& where) {
   ThreadCtx* t = tls_current;
   Group& g = *t->group;
+  SimdState& s = g.sgs[t->sg];
+  SyncScope sync(g, &s);
   GroupLock lock(g);
   if (g.failed) abort_thread(g, t);
-  SimdState& s = g.sgs[t->sg];
   const uint32_t bit = 1u << t->lane;
   if (s.arrived && !same_site(s.where, where))
     fail_here(g, t,
@@ -261,6 +263,7 @@ exchange_view simd_exchange(const void* value, uint32_t size, const char* what, 
   }
   const uint32_t parity = uint32_t(s.gen & 1);
   if (size) std::memcpy(s.slots[parity][t->lane], value, size);
+  sync.release_now();
   s.arrived |= bit;
   if (s.arrived == s.active)
     complete_simd(g, s, t->sg);
@@ -276,6 +279,7 @@ void simdgroup_barrier(const char* what, const site& where) { simd_exchange(null
 void threadgroup_barrier(const char* what, const site& where) {
   ThreadCtx* t = tls_current;
   Group& g = *t->group;
+  SyncScope sync(g, &g.bar);
   GroupLock lock(g);
   if (g.failed) abort_thread(g, t);
   SimdState& s = g.sgs[t->sg];
@@ -310,6 +314,7 @@ void threadgroup_barrier(const char* what, const site& where) {
 void* threadgroup_alloc(uint64_t size, uint64_t align, const char* name, const site& where) {
   ThreadCtx* t = tls_current;
   Group& g = *t->group;
+  SyncScope sync(g, nullptr);
   GroupLock lock(g);
   for (const TgStatic& v : g.tg_static)
     if (v.line == where.line() && v.column == where.column() &&

@@ -96,6 +96,46 @@ struct Group {
 // The emulated GPU thread running on this OS thread (fiber mode: the current fiber).
 extern thread_local ThreadCtx* tls_current;
 
+#ifdef METALSIM_TSAN
+extern "C" void AnnotateIgnoreSyncBegin(const char* file, int line);
+extern "C" void AnnotateIgnoreSyncEnd(const char* file, int line);
+extern "C" void __tsan_acquire(void* addr);
+extern "C" void __tsan_release(void* addr);
+#endif
+
+// Under ThreadSanitizer (thread mode of a METALSIM_SANITIZE=thread build) the runtime's own
+// mutex must not order the kernel's memory accesses, or every race would look ordered: its
+// locking is hidden from TSan, and only what the GPU guarantees is declared, a barrier orders
+// the threads of the threadgroup and a SIMD-group call the lanes of the SIMD-group (sync_obj).
+struct SyncScope {
+#ifdef METALSIM_TSAN
+  void* obj = nullptr;
+  bool on = false;
+  SyncScope(const Group& g, void* sync_obj) : obj(sync_obj), on(g.mode == MS_MODE_THREAD) {
+    if (!on) return;
+    if (obj) __tsan_release(obj);
+    AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+  }
+  ~SyncScope() {
+    if (!on) return;
+    AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+    if (obj) __tsan_acquire(obj);
+  }
+  // Publish what this thread wrote since the scope began (its value in a SIMD-group slot).
+  void release_now() {
+    if (!on || !obj) return;
+    AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+    __tsan_release(obj);
+    AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+  }
+#else
+  SyncScope(const Group&, void*) {}
+  void release_now() {}
+#endif
+  SyncScope(const SyncScope&) = delete;
+  SyncScope& operator=(const SyncScope&) = delete;
+};
+
 // group.cpp
 std::string fmt(const char* format, ...) __attribute__((format(printf, 1, 2)));
 void group_begin(Group& g, ms_uint3 pos);
