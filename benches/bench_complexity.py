@@ -29,7 +29,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from tiny_llm_common.checkpoints import random_checkpoint
-from tiny_llm_ref.complexity import attention_share, fit_power_law, tokens_processed
+from tiny_llm_ref.complexity import (
+    attention_share,
+    dense_flops_per_token,
+    fit_power_law,
+    tokens_processed,
+)
 from tiny_llm_ref.decode import generate_with_cache
 from tiny_llm_ref.generate import simple_generate
 from tiny_llm_ref.model import Model
@@ -217,6 +222,10 @@ def main(argv=None) -> dict:
     args_m = model.args
     share = {c: round(attention_share(args_m, c), 3) for c in (64, 1024, 4096)}
     print(f"attention's share of a decode step's flops at context 64/1024/4096: {share}")
+    # The context at which one decode step's attention flops equal its matrices' flops.
+    per_key = 4 * args_m.head_dim * args_m.num_attention_heads * args_m.num_hidden_layers
+    even = round(dense_flops_per_token(args_m) / per_key)
+    print(f"attention and the matrices cost the same at a context of {even} tokens")
     machine = describe_machine()
     if not args.no_plot and fits["none"][0] is not None:
         plot(rows, fits, args.plot_path, f"{label}\nMLX {mx.__version__}, {machine}")
@@ -246,6 +255,7 @@ def main(argv=None) -> dict:
             and r["n"] == max(x["n"] for x in rows if x["cache"] == r["cache"] and x["seconds"])
         },
         "attention_share": share,
+        "attention_equals_matrices_at": even,
     }
     print(json.dumps(result))
     return result

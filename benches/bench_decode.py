@@ -5,13 +5,14 @@ ignored, so both produce exactly --max-tokens): ours through `generate_with_cach
 through `mlx_lm.generate.generate_step` (the loop under its `generate` and `stream_generate`),
 with mlx-lm's own llama Model built from the very tensors the course's loader returns. Decode
 speed is (tokens - 1) / (time of the last token - time of the first): prefill excluded. The two
-alternate for --rounds rounds so that a busy machine slows both alike; the median counts.
+alternate for --rounds rounds so that a busy machine slows both alike; the ratio is the median
+of the rounds' ratios.
 
 --float32 casts the float16 quantization scales and biases (and any float16 tensor) to float32
 for both models: exact (every float16 is a float32), and on a CPU it changes the speed a lot.
 
 Ends with one JSON line (ours_tok_s, mlx_lm_tok_s, ratio = ours / mlx-lm, ...).
-Run: pdm run bench-decode [--model smollm2] [--max-tokens 32] [--rounds 3] [--float32]
+Run: pdm run bench-decode [--model smollm2] [--max-tokens 24] [--rounds 5] [--float32]
 On Linux, preload OpenBLAS for float32 matmuls: LD_PRELOAD=/usr/lib/x86_64-linux-gnu/
 openblas-pthread/libopenblas.so.0 pdm run bench-decode (see book/src/week2-07-benchmarks.md).
 """
@@ -75,6 +76,18 @@ def detect_blas() -> str:
     return f"unknown ({names or 'no BLAS library mapped'})"
 
 
+def matmul_gflops(n: int = 512, reps: int = 5) -> float:
+    """float32 GFLOP/s of one n x n matmul, the best of `reps` (what the BLAS delivers)."""
+    a, b = mx.random.normal((n, n)), mx.random.normal((n, n))
+    mx.eval(a @ b)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
 def to_float32(weights: dict) -> dict:
     def conv(a: mx.array) -> mx.array:
         return a.astype(mx.float32) if a.dtype in (mx.float16, mx.bfloat16) else a
@@ -110,20 +123,20 @@ def time_mlx_lm(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--float32", action="store_true", help="float16 scales/tensors -> float32")
     args = p.parse_args(argv)
     if args.max_tokens < 2 or args.rounds < 1:
         p.error("--max-tokens must be >= 2 and --rounds >= 1")
 
     blas = detect_blas()
-    print(f"BLAS: {blas}")
+    gflops = matmul_gflops()
+    print(f"BLAS: {blas}; float32 512x512 matmul: {gflops:.1f} GFLOP/s")
     if sys.platform.startswith("linux") and "OpenBLAS" not in blas:
         print(
-            "  (float32 matmuls would be ~30x faster with OpenBLAS: apt-get install "
-            "libopenblas0-pthread, then LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/"
-            "libopenblas.so.0)"
+            "  (for fast float32 matmuls preload OpenBLAS: apt-get install libopenblas0-pthread, "
+            "then LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0)"
         )
     loaded = load_model(args.model)
     weights = to_float32(loaded.weights) if args.float32 else loaded.weights
@@ -151,8 +164,12 @@ def main(argv=None) -> dict:
         same = same and ours_out == theirs_out
 
     ours_med, theirs_med = statistics.median(ours_tps), statistics.median(theirs_tps)
-    ratio = ours_med / theirs_med
-    print(f"\ndecode: ours {ours_med:.2f} tok/s, mlx-lm {theirs_med:.2f} tok/s, ratio {ratio:.2f}")
+    # Paired: each round's two runs shared the machine's load of the moment.
+    ratio = statistics.median(a / b for a, b in zip(ours_tps, theirs_tps, strict=True))
+    print(
+        f"\ndecode: ours {ours_med:.2f} tok/s, mlx-lm {theirs_med:.2f} tok/s (medians), "
+        f"ratio ours / mlx-lm {ratio:.2f} (median of the rounds' ratios)"
+    )
     print(f"same tokens: {same}; text: {tok.decode(ours_out)!r}")
     result = {
         "bench": "decode",
@@ -160,6 +177,7 @@ def main(argv=None) -> dict:
         "machine": describe_machine(),
         "mlx": mx.__version__,
         "blas": blas,
+        "matmul_gflops": round(gflops, 1),
         "weights": dtype,
         "prompt_tokens": len(prompt),
         "new_tokens": args.max_tokens,

@@ -1,7 +1,8 @@
-"""Prove the learner path end to end: in a scratch copy of the repository, copy the reference
-solution over the learner's stubs (Python modules and extension kernel sources), build the learner's
-extension, and run the learner-mode graders (`pdm run test`) for every week. They must all pass, so
-the stubs, the graders and the reference can never drift apart.
+"""Prove the learner path end to end, in a scratch copy of the repository:
+1. the learner's extension skeleton (src/extensions) builds as shipped;
+2. with the reference solution copied over the learner's stubs (Python modules and the extension's
+   kernel sources), it rebuilds and the learner-mode graders (`pdm run test`) pass for every week.
+So the stubs, the graders and the reference can never drift apart.
 
 Usage: python scripts/check_learner_path.py [--week W]
 """
@@ -17,7 +18,21 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-IGNORE = shutil.ignore_patterns(".venv", ".git", "build", "book", "*.so", "__pycache__", ".*cache*")
+
+
+def _copy_tree(scratch: Path) -> None:
+    """Tracked and new files, without what git ignores (builds, .so, .venv)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        src, dst = ROOT / name.decode(), scratch / name.decode()
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
 
 
 def _copy_solution(scratch: Path) -> None:
@@ -37,16 +52,17 @@ def main() -> int:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="tiny-llm-learner-") as tmp:
         scratch = Path(tmp) / "repo"
-        shutil.copytree(ROOT, scratch, ignore=IGNORE)
-        (scratch / "book").mkdir(exist_ok=True)
-        _copy_solution(scratch)
+        _copy_tree(scratch)
         env = dict(os.environ, PYTHONPATH=str(scratch / "src"))
         run = lambda code: subprocess.call([sys.executable, "-c", code], cwd=scratch, env=env)  # noqa: E731
-        if (scratch / "src" / "extensions").is_dir():
-            rc = run("from tiny_llm_common.build_ext import build; build('learner')")
-            if rc:
-                print("learner path: the learner's extension did not build", file=sys.stderr)
-                return rc
+        build = "from tiny_llm_common.build_ext import build; build('learner')"
+        if run(build):
+            print("learner path: the extension skeleton does not build as shipped", file=sys.stderr)
+            return 1
+        _copy_solution(scratch)
+        if run(build):
+            print("learner path: the skeleton with the reference kernels does not build", file=sys.stderr)
+            return 1
         weeks = args.week or sorted(
             {int(f.name.split("_")[2]) for f in (scratch / "tests_refsol").glob("test_week_*_day_*.py")}
         )

@@ -23,6 +23,12 @@ def np_swiglu(g, u):
     return g / (1 + np.exp(-g)) * u
 
 
+def slow_inputs(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
+    """Lazy inputs on the CPU stream that take a while to compute: sin(a) * 2 + 1, cos(b) * 3."""
+    with mx.stream(mx.cpu):
+        return mx.sin(a) * 2 + 1, mx.cos(b) * 3
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--trials", type=int, default=20)
@@ -36,7 +42,7 @@ def main() -> None:
         b = mx.array(rng.standard_normal((args.rows, 1024)).astype(np.float32))
         mx.eval(a, b)
         for case in wrong:
-            gate, up = mx.sin(a) * 2 + 1, mx.cos(b) * 3
+            gate, up = slow_inputs(a, b)
             if case.endswith("evaluated first"):
                 mx.eval(gate, up)
             op = ext.swiglu if case.startswith("queued") else ext._swiglu_synchronous

@@ -5,7 +5,7 @@
 - a failed build ends in one line that names the cause, with no traceback;
 - the build installs the module (and on macOS the metallib) where the packages import it.
 The learner's path (skeleton builds, then passes with the reference's kernels) is checked by
-scripts/check_learner_path.sh, which takes minutes.
+scripts/check_learner_path.py, which takes minutes.
 """
 
 import os
@@ -34,6 +34,12 @@ def ext():
 def np_swiglu(g, u):
     g, u = np.asarray(g, np.float64), np.asarray(u, np.float64)
     return g / (1 + np.exp(-g)) * u
+
+
+def slow_inputs(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
+    """Lazy inputs on the CPU stream that take a while to compute: sin(a) * 2 + 1, cos(b) * 3."""
+    with mx.stream(mx.cpu):
+        return mx.sin(a) * 2 + 1, mx.cos(b) * 3
 
 
 def harness_error(metal_path: Path, gate: mx.array, up: mx.array, memory=None) -> float:
@@ -111,11 +117,11 @@ def test_computing_inside_eval_cpu_is_caught():
         a = mx.array(rng.standard_normal((64, 1024)).astype(np.float32))
         b = mx.array(rng.standard_normal((64, 1024)).astype(np.float32))
         mx.eval(a, b)
-        gate, up = mx.sin(a) * 2 + 1, mx.cos(b) * 3
+        gate, up = slow_inputs(a, b)
         out = ext()._swiglu_synchronous(gate, up)  # gate, up not evaluated yet
         mx.eval(out)
         wrong_lazy += not np.allclose(np.array(out), np_swiglu(gate, up), atol=1e-4)
-        gate, up = mx.sin(a) * 2 + 1, mx.cos(b) * 3
+        gate, up = slow_inputs(a, b)
         mx.eval(gate, up)
         out = ext()._swiglu_synchronous(gate, up)
         wrong_evaluated += not np.allclose(np.array(out), np_swiglu(gate, up), atol=1e-4)

@@ -66,9 +66,11 @@ def test_vector_add_with_partial_threadgroups(lib):
     b = RNG.standard_normal(n).astype(np.float32)
     out = np.full(n + 8, -7.0, np.float32)  # past n must stay untouched
     lib.dispatch_threads(
-        "add_scaled", threads=(n,), threads_per_threadgroup=(256,),
+        "add_scaled",
+        threads=(n,),
+        threads_per_threadgroup=(256,),
         buffers={0: a, 1: b, 2: out, 3: np.uint32(n)},
-    )  # fmt: skip
+    )
     expected = a.astype(np.float64) + 0.5 * b.astype(np.float64)
     np.testing.assert_allclose(out[:n], expected, rtol=0, atol=1e-6)
     assert (out[n:] == -7.0).all()
@@ -84,7 +86,7 @@ def simd_reference(x: np.ndarray, tpg: int) -> np.ndarray:
             v = x[s0 : min(s0 + 32, g0 + tpg, n)].astype(np.float64)
             k = len(v)
 
-            def lane(src, own):
+            def lane(src, v=v, k=k):
                 return v[src] if src < k else np.nan
 
             for i in range(k):
@@ -92,10 +94,10 @@ def simd_reference(x: np.ndarray, tpg: int) -> np.ndarray:
                 ref[1, s0 + i] = v.max()
                 ref[2, s0 + i] = v.min()
                 ref[3, s0 + i] = v[:i].sum()
-                ref[4, s0 + i] = lane(i ^ 5, v[i])
-                ref[5, s0 + i] = lane(3, v[i])
-                ref[6, s0 + i] = v[i] if i + 4 >= 32 else lane(i + 4, v[i])
-                ref[7, s0 + i] = lane((i * 7) % 32, v[i])
+                ref[4, s0 + i] = lane(i ^ 5)
+                ref[5, s0 + i] = lane(3)
+                ref[6, s0 + i] = v[i] if i + 4 >= 32 else lane(i + 4)
+                ref[7, s0 + i] = lane((i * 7) % 32)
                 ref[8, s0 + i] = v[0]
                 ref[9, s0 + i] = v[: i + 1].sum()
     return ref
@@ -118,9 +120,12 @@ def test_threadgroup_reduction_across_8_simdgroups(lib):
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4)
     out[:] = 0
     lib.dispatch(
-        "tg_reduce_dynamic", grid=groups, threads_per_threadgroup=256,
-        buffers={0: x, 1: out}, threadgroup_memory={0: 32 * 4},
-    )  # fmt: skip
+        "tg_reduce_dynamic",
+        grid=groups,
+        threads_per_threadgroup=256,
+        buffers={0: x, 1: out},
+        threadgroup_memory={0: 32 * 4},
+    )
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4)
 
 
@@ -128,7 +133,9 @@ def test_missing_barrier_shows_as_nan(lib):
     """Threadgroup memory starts as 0xFF bytes: reading a slot no one has written yet is NaN."""
     x = RNG.standard_normal(2 * 256).astype(np.float32)
     out = np.zeros(2, np.float32)
-    lib.dispatch("tg_reduce_no_barrier", grid=2, threads_per_threadgroup=256, buffers={0: x, 1: out})
+    lib.dispatch(
+        "tg_reduce_no_barrier", grid=2, threads_per_threadgroup=256, buffers={0: x, 1: out}
+    )
     assert np.isnan(out).all(), f"expected NaN from the race, got {out}"
 
 
@@ -141,9 +148,12 @@ def test_thread_mode_runs_the_same_kernels(lib):
     np.testing.assert_allclose(out, x.astype(np.float64).reshape(2, 256).sum(1), atol=1e-4)
     with pytest.raises(metalsim.MetalSimError, match="divergent threadgroup_barrier"):
         lib.dispatch(
-            "divergent_barrier", grid=1, threads_per_threadgroup=128,
-            buffers={0: np.zeros(128, np.float32)}, mode="thread",
-        )  # fmt: skip
+            "divergent_barrier",
+            grid=1,
+            threads_per_threadgroup=128,
+            buffers={0: np.zeros(128, np.float32)},
+            mode="thread",
+        )
 
 
 # -- mistakes the harness reports -----------------------------------------------------------
@@ -153,9 +163,11 @@ def test_divergent_barrier_names_both_lines(lib):
     first, second = lines_of(BASICS, r"threadgroup_barrier", "divergent_barrier")
     with pytest.raises(metalsim.MetalSimError) as info:
         lib.dispatch(
-            "divergent_barrier", grid=1, threads_per_threadgroup=128,
+            "divergent_barrier",
+            grid=1,
+            threads_per_threadgroup=128,
             buffers={0: np.zeros(128, np.float32)},
-        )  # fmt: skip
+        )
     msg = str(info.value)
     assert "divergent threadgroup_barrier" in msg
     assert f"basics.metal:{first}" in msg and f"basics.metal:{second}" in msg
@@ -166,7 +178,12 @@ def test_divergent_simd_call_names_the_calls(lib):
     (line_sum,) = lines_of(BASICS, r"simd_sum", "divergent_simd")
     (line_max,) = lines_of(BASICS, r"simd_max", "divergent_simd")
     with pytest.raises(metalsim.MetalSimError) as info:
-        lib.dispatch("divergent_simd", grid=1, threads_per_threadgroup=32, buffers={0: np.zeros(32, np.float32)})
+        lib.dispatch(
+            "divergent_simd",
+            grid=1,
+            threads_per_threadgroup=32,
+            buffers={0: np.zeros(32, np.float32)},
+        )
     msg = str(info.value)
     assert f"simd_max at {BASICS}:{line_max}" in msg
     assert f"lanes 0-15 of simdgroup 0 wait in simd_sum at {BASICS}:{line_sum}" in msg
@@ -176,12 +193,27 @@ def test_out_of_bounds_read_names_thread_and_buffer(lib):
     x = np.zeros(100, np.float32)
     with pytest.raises(metalsim.MetalSimError) as info:
         lib.dispatch_threads(
-            "shift_left", threads=100, threads_per_threadgroup=32,
+            "shift_left",
+            threads=100,
+            threads_per_threadgroup=32,
             buffers={0: x, 1: np.zeros(100, np.float32)},
-        )  # fmt: skip
+        )
     msg = str(info.value)
     assert "out-of-bounds read of [[buffer(0)]] 'x'" in msg
     assert "thread (99,0,0)" in msg and "400 bytes" in msg
+
+
+def test_buffers_bound_at_an_offset(lib):
+    x = np.arange(64, dtype=np.float32)
+    out = np.zeros(64, np.float32)
+    lib.dispatch("read_backwards", 1, 64, buffers={0: x, 1: out}, buffer_offsets={0: 63 * 4})
+    np.testing.assert_array_equal(out, x[::-1])
+    with pytest.raises(
+        metalsim.MetalSimError, match=r"\[\[buffer\(0\)\]\] 'x' .*4 bytes before its start"
+    ):
+        lib.dispatch("read_backwards", 1, 64, buffers={0: x, 1: out}, buffer_offsets={0: 62 * 4})
+    with pytest.raises(metalsim.MetalSimError, match="not a multiple of the 4-byte alignment"):
+        lib.dispatch("read_backwards", 1, 1, buffers={0: x, 1: out}, buffer_offsets={0: 2})
 
 
 def test_write_to_constant_buffer_is_an_error(lib):
@@ -194,18 +226,26 @@ def test_endless_kernel_is_interrupted(lib, monkeypatch):
     monkeypatch.setenv("METALSIM_TIMEOUT_S", "1")
     with pytest.raises(metalsim.MetalSimError, match="did not finish within 1 s"):
         lib.dispatch(
-            "spin", grid=1, threads_per_threadgroup=1,
+            "spin",
+            grid=1,
+            threads_per_threadgroup=1,
             buffers={0: np.zeros(1, np.uint32), 1: np.zeros(1, np.uint32)},
-        )  # fmt: skip
+        )
 
 
 @pytest.mark.parametrize(
     "construct,body",
     [
-        ("simdgroup_float8x8", "kernel void k(device float* x [[buffer(0)]]) {\n  simdgroup_float8x8 m;\n}\n"),
+        (
+            "simdgroup_float8x8",
+            "kernel void k(device float* x [[buffer(0)]]) {\n  simdgroup_float8x8 m;\n}\n",
+        ),
         ("texture2d", "kernel void k(texture2d<float> t [[texture(0)]]) {\n}\n"),
         ("function_constant", "constant bool fc [[function_constant(0)]];\nkernel void k() {}\n"),
-        ("quad_sum", "kernel void k(device float* x [[buffer(0)]]) {\n  x[0] = quad_sum(x[0]);\n}\n"),
+        (
+            "quad_sum",
+            "kernel void k(device float* x [[buffer(0)]]) {\n  x[0] = quad_sum(x[0]);\n}\n",
+        ),
     ],
 )
 def test_unsupported_construct_is_named(construct, body):
@@ -218,11 +258,17 @@ def test_unsupported_construct_is_named(construct, body):
 
 
 def test_compiler_errors_name_the_metal_line():
-    path = inline("syntax_error", "kernel void k(device float* x [[buffer(0)]]) {\n  x[0] = 1.0f +;\n}\n")
-    with pytest.raises(metalsim.MetalSimCompileError, match=rf"syntax_error\.metal:4:\d+: error"):
+    path = inline(
+        "syntax_error", "kernel void k(device float* x [[buffer(0)]]) {\n  x[0] = 1.0f +;\n}\n"
+    )
+    with pytest.raises(metalsim.MetalSimCompileError, match=r"syntax_error\.metal:4:\d+: error"):
         metalsim.compile(path)
-    path = inline("uses_double", "kernel void k(device float* x [[buffer(0)]]) {\n  double d = 1;\n}\n")
-    with pytest.raises(metalsim.MetalSimCompileError, match=r"uses_double\.metal:4.*poisoned .double."):
+    path = inline(
+        "uses_double", "kernel void k(device float* x [[buffer(0)]]) {\n  double d = 1;\n}\n"
+    )
+    with pytest.raises(
+        metalsim.MetalSimCompileError, match=r"uses_double\.metal:4.*poisoned .double."
+    ):
         metalsim.compile(path)
 
 
@@ -235,19 +281,27 @@ def test_threadgroup_memory_limit_is_32_kib(lib):
         "}\n"
     )
     big = metalsim.compile(inline("threadgroup_too_big", body))
-    with pytest.raises(metalsim.MetalSimError, match=r"'scratch' at .*threadgroup_too_big\.metal:4 needs 36000"):
-        big.dispatch("big", grid=1, threads_per_threadgroup=32, buffers={0: np.zeros(32, np.float32)})
+    with pytest.raises(
+        metalsim.MetalSimError, match=r"'scratch' at .*threadgroup_too_big\.metal:4 needs 36000"
+    ):
+        big.dispatch(
+            "big", grid=1, threads_per_threadgroup=32, buffers={0: np.zeros(32, np.float32)}
+        )
     with pytest.raises(metalsim.MetalSimError, match="32 KiB"):
         lib.dispatch(
-            "tg_reduce_dynamic", grid=1, threads_per_threadgroup=256,
+            "tg_reduce_dynamic",
+            grid=1,
+            threads_per_threadgroup=256,
             buffers={0: np.zeros(256, np.float32), 1: np.zeros(1, np.float32)},
             threadgroup_memory={0: 40960},
-        )  # fmt: skip
+        )
 
 
 def test_dispatch_arguments_are_validated(lib):
     a = np.zeros(64, np.float32)
-    with pytest.raises(metalsim.MetalSimError, match=r"needs \[\[buffer\(3\)\]\] 'n', which is not bound"):
+    with pytest.raises(
+        metalsim.MetalSimError, match=r"needs \[\[buffer\(3\)\]\] 'n', which is not bound"
+    ):
         lib.dispatch_threads("add_scaled", 64, 64, buffers={0: a, 1: a.copy(), 2: a.copy()})
     with pytest.raises(metalsim.MetalSimError, match="at most 1024"):
         lib.dispatch("tg_reduce", grid=1, threads_per_threadgroup=(64, 32), buffers={0: a, 1: a})
@@ -265,8 +319,12 @@ def test_dispatch_arguments_are_validated(lib):
         lib.dispatch("tg_reduce_dynamic", grid=1, threads_per_threadgroup=32, buffers={0: a, 1: a})
     frozen = np.zeros(64, np.float32)
     frozen.flags.writeable = False
-    with pytest.raises(metalsim.MetalSimError, match=r"wrote to \[\[buffer\(2\)\]\] 'out'.*read-only"):
-        lib.dispatch_threads("add_scaled", 64, 64, buffers={0: a + 1, 1: a, 2: frozen, 3: np.uint32(64)})
+    with pytest.raises(
+        metalsim.MetalSimError, match=r"wrote to \[\[buffer\(2\)\]\] 'out'.*read-only"
+    ):
+        lib.dispatch_threads(
+            "add_scaled", 64, 64, buffers={0: a + 1, 1: a, 2: frozen, 3: np.uint32(64)}
+        )
     assert isinstance(metalsim.MetalSimArgumentError("x"), ValueError)
 
 
@@ -291,7 +349,10 @@ def test_half_and_bfloat_arithmetic(lib):
         "half_bfloat", n, 64, buffers={0: ah, 1: bh, 2: outh, 3: ab, 4: bb, 5: outb, 6: outf}
     )
     xh, yh = ah.astype(np.float64), bh.astype(np.float64)
-    xb, yb = metalsim.bf16_to_f32(ab).astype(np.float64), metalsim.bf16_to_f32(bb).astype(np.float64)
+    xb, yb = (
+        metalsim.bf16_to_f32(ab).astype(np.float64),
+        metalsim.bf16_to_f32(bb).astype(np.float64),
+    )
     # Each result is rounded to its type: half has an 11-bit significand, bfloat an 8-bit one.
     np.testing.assert_allclose(outh.astype(np.float64), xh * yh + xh, rtol=2e-3, atol=2e-3)
     np.testing.assert_allclose(metalsim.bf16_to_f32(outb), xb * yb + xb, rtol=1.6e-2, atol=1.6e-2)
@@ -300,7 +361,9 @@ def test_half_and_bfloat_arithmetic(lib):
 
 
 def test_conversions_round_to_nearest_even(lib):
-    ties = np.array([0x3F808000, 0x3F818000, 0x3F80C000, 0x7F7FFFFF, 0x7FC00001, 0xFF800000], np.uint32)
+    ties = np.array(
+        [0x3F808000, 0x3F818000, 0x3F80C000, 0x7F7FFFFF, 0x7FC00001, 0xFF800000], np.uint32
+    )
     x = np.concatenate([ties.view(np.float32), RNG.standard_normal(58).astype(np.float32) * 1e3])
     h, b = np.zeros(64, np.float16), np.zeros(64, np.uint16)
     lib.dispatch_threads("convert", 64, 64, buffers={0: x, 1: h, 2: b})
@@ -309,7 +372,9 @@ def test_conversions_round_to_nearest_even(lib):
     np.testing.assert_array_equal(b, metalsim.f32_to_bf16(x))
     with np.errstate(over="ignore"):  # FLT_MAX overflows half to inf, as in the kernel
         np.testing.assert_array_equal(h, x.astype(np.float16))
-    np.testing.assert_array_equal(metalsim.bf16_to_f32(b[:3]), np.float32([1.0, 1.015625, 1.0078125]))
+    np.testing.assert_array_equal(
+        metalsim.bf16_to_f32(b[:3]), np.float32([1.0, 1.015625, 1.0078125])
+    )
 
 
 def test_vector_types_and_math(lib):
@@ -331,7 +396,9 @@ def test_atomics_on_device_and_threadgroup_memory(lib):
     groups = 4
     x = RNG.uniform(0, 1, groups * 128).astype(np.float32)
     total, counts = np.zeros(1, np.float32), np.zeros(groups, np.uint32)
-    lib.dispatch("atomics", grid=groups, threads_per_threadgroup=128, buffers={0: total, 1: counts, 2: x})
+    lib.dispatch(
+        "atomics", grid=groups, threads_per_threadgroup=128, buffers={0: total, 1: counts, 2: x}
+    )
     np.testing.assert_allclose(total[0], x.astype(np.float64).sum(), rtol=1e-5)
     assert counts.tolist() == (x.reshape(groups, 128) > 0.5).sum(1).tolist()
 
@@ -339,7 +406,9 @@ def test_atomics_on_device_and_threadgroup_memory(lib):
 def test_builtins_of_2d_dispatch_with_partial_groups(lib):
     w, h = 10, 7
     out = np.zeros((h, w, 4), np.uint32)
-    lib.dispatch_threads("positions", threads=(w, h), threads_per_threadgroup=(4, 4), buffers={0: out})
+    lib.dispatch_threads(
+        "positions", threads=(w, h), threads_per_threadgroup=(4, 4), buffers={0: out}
+    )
     ys, xs = np.mgrid[0:h, 0:w]
     assert (out[..., 0] == xs % 4).all() and (out[..., 1] == ys % 4).all()
     # threads_per_threadgroup reports the actual (partial) size of edge threadgroups
@@ -384,19 +453,26 @@ def run_paged_decode(lib, dtype, d, lens, heads=8, kv_heads=2, block=16, mode=No
     seqs = len(lens)
     max_blocks = max(-(-n // block) for n in lens)
     num_blocks = seqs * max_blocks + 3
-    tables = rng.permutation(num_blocks)[: seqs * max_blocks].reshape(seqs, max_blocks).astype(np.int32)
+    tables = (
+        rng.permutation(num_blocks)[: seqs * max_blocks].reshape(seqs, max_blocks).astype(np.int32)
+    )
     to, back = CONVERT[dtype]
     q = to(rng.standard_normal((seqs, heads, d)))
     k = to(rng.standard_normal((num_blocks, kv_heads, block, d)))
     v = to(rng.standard_normal((num_blocks, kv_heads, block, d)))
     out = to(np.zeros((seqs, heads, d)))
     scale = 1.0 / np.sqrt(d)
-    params = np.array([heads, kv_heads, max_blocks, block], np.uint32).tobytes() + np.float32(scale).tobytes()
+    params = (
+        np.array([heads, kv_heads, max_blocks, block], np.uint32).tobytes()
+        + np.float32(scale).tobytes()
+    )
     lib.dispatch(
-        f"paged_decode_{dtype}_d{d}", grid=(heads, seqs), threads_per_threadgroup=256,
+        f"paged_decode_{dtype}_d{d}",
+        grid=(heads, seqs),
+        threads_per_threadgroup=256,
         buffers={0: q, 1: k, 2: v, 3: tables, 4: np.array(lens, np.int32), 5: out, 6: params},
         mode=mode,
-    )  # fmt: skip
+    )
     Q, K, V = back(q), back(k), back(v)
     ref = np.zeros((seqs, heads, d))
     for s, n in enumerate(lens):
@@ -412,7 +488,8 @@ def run_paged_decode(lib, dtype, d, lens, heads=8, kv_heads=2, block=16, mode=No
 
 
 @pytest.mark.parametrize(
-    "dtype,d", [("float32", 64), ("float32", 128), ("float16", 64), ("float16", 128), ("bfloat16", 64)]
+    "dtype,d",
+    [("float32", 64), ("float32", 128), ("float16", 64), ("float16", 128), ("bfloat16", 64)],
 )
 def test_paged_decode_attention_matches_numpy(attention, dtype, d):
     out, ref = run_paged_decode(attention, dtype, d, lens=[300, 157, 5])

@@ -128,10 +128,14 @@ def test_max_len_cache_refuses_overflow():
 
 def test_attend_rejects_bad_shapes():
     cache = sol.kv_cache.KVCache()
+    x = mx.zeros((1, 2, 2, 4))
+    assert cache.attend(x, x, x, 1.0).shape == (1, 2, 2, 4)
     with pytest.raises(ValueError):
         cache.attend(mx.zeros((1, 3, 2, 4)), mx.zeros((1, 2, 2, 4)), mx.zeros((1, 2, 2, 4)), 1.0)
     with pytest.raises(ValueError):
         cache.attend(mx.zeros((1, 2, 2, 4)), mx.zeros((1, 2, 2, 4)), mx.zeros((1, 2, 3, 4)), 1.0)
+    with pytest.raises(ValueError):  # 3 KV heads do not fit a cache holding 2
+        cache.attend(mx.zeros((1, 3, 1, 4)), mx.zeros((1, 3, 1, 4)), mx.zeros((1, 3, 1, 4)), 1.0)
 
 
 # --- The cache inside the model -----------------------------------------------------------------

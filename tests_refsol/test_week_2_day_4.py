@@ -60,6 +60,12 @@ def np_swiglu(gate, up) -> np.ndarray:
     return g / (1.0 + np.exp(-g)) * u
 
 
+def slow_inputs(a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
+    """Lazy inputs on the CPU stream that take a while to compute: sin(a) * 2 + 1, cos(b) * 3."""
+    with mx.stream(mx.cpu):
+        return mx.sin(a) * 2 + 1, mx.cos(b) * 3
+
+
 def check(out, gate, up, dtype: str, what: str):
     assert out.dtype == getattr(mx, dtype), f"{what}: returned {out.dtype} for {dtype} inputs"
     tol = TOL[dtype]
@@ -86,7 +92,7 @@ def test_cpu_queues_its_work():
     for trial in range(2):
         a, b = rand(rng, (64, 1024), "float32"), rand(rng, (64, 1024), "float32")
         mx.eval(a, b)
-        gate, up = mx.sin(a) * 2 + 1, mx.cos(b) * 3
+        gate, up = slow_inputs(a, b)
         out = kernels.swiglu(gate, up, stream=mx.cpu)
         mx.eval(out)
         assert_allclose(
@@ -171,7 +177,7 @@ def _metalsim():
 
 def _untouched_message(kernel: str) -> str:
     return f"{kernel} left outputs unwritten (still NaN)" + (
-        ": Week 2 Day 4, task 2: implement the kernels in src/extensions/src/swiglu.metal"
+        ": Week 2 Day 4, task 2: implement `swiglu_contiguous` and `swiglu_strided` in src/extensions/src/swiglu.metal"
         if LEARNER
         else ""
     )

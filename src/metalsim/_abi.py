@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes as C
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_BINDINGS = 31
 THREADGROUP_MEMORY_LIMIT = 32768
 ROLE_BUFFER = 1
@@ -62,6 +62,7 @@ class Binding(C.Structure):
         ("flags", C.c_int32),
         ("data", C.c_void_p),
         ("nbytes", C.c_uint64),
+        ("offset", C.c_uint64),
     ]
 
 

@@ -121,19 +121,35 @@ def toolchain() -> Toolchain:
 
 
 @functools.cache
-def _shim_digest() -> str:
+def _digest(paths: tuple[Path, ...]) -> str:
     h = hashlib.sha256()
-    for root in (INCLUDE_DIR, RUNTIME_DIR):
-        for f in sorted(root.rglob("*")):
-            if f.is_file():
-                h.update(str(f.relative_to(PACKAGE_DIR)).encode())
-                h.update(f.read_bytes())
+    for f in paths:
+        h.update(str(f.relative_to(PACKAGE_DIR)).encode())
+        h.update(f.read_bytes())
     return h.hexdigest()
+
+
+def _shim_digest() -> str:
+    """The shim headers and the runtime: what the precompiled header and objects are built from."""
+    files = [
+        f for root in (INCLUDE_DIR, RUNTIME_DIR) for f in sorted(root.rglob("*")) if f.is_file()
+    ]
+    return _digest(tuple(files))
+
+
+def _translator_digest() -> str:
+    """The Python that rewrites the source: a change to it must not reuse old libraries."""
+    return _digest((PACKAGE_DIR / "_source.py", PACKAGE_DIR / "_build.py"))
 
 
 def _support_key(tc: Toolchain) -> str:
     h = hashlib.sha256()
-    for part in (tc.ident(), " ".join(tc.kernel_flags()), " ".join(tc.runtime_flags()), _shim_digest()):
+    for part in (
+        tc.ident(),
+        " ".join(tc.kernel_flags()),
+        " ".join(tc.runtime_flags()),
+        _shim_digest(),
+    ):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:20]
@@ -217,14 +233,24 @@ def ensure_support(tc: Toolchain) -> Path:
         pch_out = tmp / ("metalsim_pch.h.pch" if tc.is_clang else "metalsim_pch.h.gch")
         jobs = [
             (
-                [*tc.kernel_flags(), "-x", "c++-header", str(tmp / "metalsim_pch.h"), "-o", str(pch_out)],
+                [
+                    *tc.kernel_flags(),
+                    "-x",
+                    "c++-header",
+                    str(tmp / "metalsim_pch.h"),
+                    "-o",
+                    str(pch_out),
+                ],
                 "precompiling the shim headers",
             )
         ]
         for src in RUNTIME_SOURCES:
             obj = tmp / (Path(src).stem + ".o")
             jobs.append(
-                ([*tc.runtime_flags(), "-c", str(RUNTIME_DIR / src), "-o", str(obj)], f"compiling {src}")
+                (
+                    [*tc.runtime_flags(), "-c", str(RUNTIME_DIR / src), "-o", str(obj)],
+                    f"compiling {src}",
+                )
             )
         procs = [
             (subprocess.Popen([tc.cxx, *cmd], stderr=subprocess.PIPE, text=True), what)
@@ -267,7 +293,7 @@ def build(
     display = str(path)
     pp = preprocess(tc, path, defines, include_dirs)
     h = hashlib.sha256()
-    for part in (pp, _support_key(tc), display):
+    for part in (pp, _support_key(tc), _translator_digest(), display):
         h.update(part.encode())
         h.update(b"\0")
     kdir = cache_dir() / "kernels" / f"{path.stem}-{h.hexdigest()[:20]}"

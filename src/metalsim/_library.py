@@ -46,7 +46,9 @@ class KernelInfo:
     handle: C.c_void_p  # the ms_kernel in the library
 
     def buffer(self, index: int) -> ParamInfo | None:
-        return next((p for p in self.params if p.role == _abi.ROLE_BUFFER and p.index == index), None)
+        return next(
+            (p for p in self.params if p.role == _abi.ROLE_BUFFER and p.index == index), None
+        )
 
 
 def _dims(value, what: str) -> tuple[int, int, int]:
@@ -144,13 +146,22 @@ class Library:
         buffers: Mapping | None = None,
         threadgroup_memory: Mapping | None = None,
         *,
+        buffer_offsets: Mapping | None = None,
         mode: str | None = None,
     ) -> None:
-        """dispatchThreadgroups: `grid` counts threadgroups. NumPy buffers are written in place."""
+        """dispatchThreadgroups: `grid` counts threadgroups. NumPy buffers are written in place.
+
+        buffers: {index: C-contiguous NumPy array (bfloat16 as np.uint16) or bytes/NumPy
+        scalar (set_bytes)}; threadgroup_memory: {index: nbytes} for [[threadgroup(i)]];
+        buffer_offsets: {index: byte offset} the kernel's pointer starts at (setBuffer:offset:);
+        mode: "fiber" (default, $METALSIM_MODE) or "thread" (one OS thread per GPU thread).
+        """
         groups = _dims(grid, "grid")
         tpg = _dims(threads_per_threadgroup, "threads_per_threadgroup")
         total = tuple(g * t for g, t in zip(groups, tpg, strict=True))
-        self._run(name, groups, tpg, total, False, buffers, threadgroup_memory, mode)
+        self._run(
+            name, groups, tpg, total, False, buffers, threadgroup_memory, buffer_offsets, mode
+        )
 
     def dispatch_threads(
         self,
@@ -160,16 +171,20 @@ class Library:
         buffers: Mapping | None = None,
         threadgroup_memory: Mapping | None = None,
         *,
+        buffer_offsets: Mapping | None = None,
         mode: str | None = None,
     ) -> None:
-        """dispatchThreads: `threads` counts threads; the last threadgroups may be partial."""
+        """dispatchThreads: `threads` counts threads; the last threadgroups may be partial and
+        report their actual size in [[threads_per_threadgroup]]. Arguments as for dispatch."""
         total = _dims(threads, "threads")
         tpg = _dims(threads_per_threadgroup, "threads_per_threadgroup")
         groups = tuple(-(-n // t) for n, t in zip(total, tpg, strict=True))
-        self._run(name, groups, tpg, total, True, buffers, threadgroup_memory, mode)
+        self._run(name, groups, tpg, total, True, buffers, threadgroup_memory, buffer_offsets, mode)
 
     # ---------------------------------------------------------------------------------------
-    def _run(self, name, groups, tpg, total, nonuniform, buffers, threadgroup_memory, mode):
+    def _run(
+        self, name, groups, tpg, total, nonuniform, buffers, threadgroup_memory, offsets, mode
+    ):
         k = self.kernel_info(name)
         nthreads = tpg[0] * tpg[1] * tpg[2]
         if nthreads > 1024:
@@ -187,7 +202,7 @@ class Library:
         if mode not in _abi.MODES:
             raise MetalSimArgumentError(f"mode must be 'fiber' or 'thread', got {mode!r}")
 
-        bindings, keep = self._buffer_bindings(k, buffers)
+        bindings, keep = self._buffer_bindings(k, buffers, offsets)
         tg = self._threadgroup_bindings(k, threadgroup_memory)
 
         desc = _abi.Dispatch()
@@ -211,12 +226,24 @@ class Library:
         if rc != 0:
             raise MetalSimRuntimeError(f"metalsim: {err.value.decode(errors='replace')}")
 
-    def _buffer_bindings(self, k: KernelInfo, buffers: Mapping | None):
+    def _buffer_bindings(self, k: KernelInfo, buffers: Mapping | None, offsets: Mapping | None):
         buffers = {} if buffers is None else buffers
+        offsets = {} if offsets is None else offsets
         if not isinstance(buffers, Mapping):
             raise MetalSimTypeError(
                 f"buffers must be a dict {{index: array}}, got {type(buffers).__name__}"
             )
+        if not isinstance(offsets, Mapping):
+            raise MetalSimTypeError("buffer_offsets must be a dict {index: byte offset}")
+        for index, off in offsets.items():
+            if index not in buffers:
+                raise MetalSimArgumentError(
+                    f"buffer_offsets[{index}] is given, but buffer {index} is not bound"
+                )
+            if isinstance(off, bool) or not isinstance(off, int | np.integer) or off < 0:
+                raise MetalSimTypeError(
+                    f"buffer_offsets[{index}] must be a non-negative int, got {off!r}"
+                )
         bindings, keep = [], []
         for index, value in buffers.items():
             if isinstance(index, bool) or not isinstance(index, int | np.integer):
@@ -231,7 +258,9 @@ class Library:
             flags = 0
             if isinstance(value, np.ndarray):
                 if value.dtype.hasobject:
-                    raise MetalSimTypeError(f"{p.describe()}: arrays of Python objects cannot be bound")
+                    raise MetalSimTypeError(
+                        f"{p.describe()}: arrays of Python objects cannot be bound"
+                    )
                 if not value.flags.c_contiguous:
                     raise MetalSimTypeError(
                         f"{p.describe()}: the array must be C-contiguous (use np.ascontiguousarray)"
@@ -250,11 +279,16 @@ class Library:
                 raise MetalSimTypeError(
                     f"{p.describe()}: bind a NumPy array or bytes, not {type(value).__name__}"
                 )
-            if p.is_reference and nbytes < p.size:
+            offset = int(offsets.get(index, 0))
+            if offset > nbytes:
                 raise MetalSimArgumentError(
-                    f"{p.describe()} is a reference to {p.size} bytes, but {nbytes} bytes are bound"
+                    f"{p.describe()}: offset {offset} is past the end of its {nbytes} bytes"
                 )
-            bindings.append(_abi.Binding(int(index), flags, data, nbytes))
+            if p.is_reference and nbytes - offset < p.size:
+                raise MetalSimArgumentError(
+                    f"{p.describe()} is a reference to {p.size} bytes, but {nbytes - offset} bytes are bound"
+                )
+            bindings.append(_abi.Binding(int(index), flags, data, nbytes, offset))
         for p in k.params:
             if p.role == _abi.ROLE_BUFFER and int(p.index) not in {b.index for b in bindings}:
                 raise MetalSimArgumentError(
@@ -269,7 +303,9 @@ class Library:
         out, total = [], 0
         for index, nbytes in memory.items():
             if not isinstance(index, int | np.integer) or not isinstance(nbytes, int | np.integer):
-                raise MetalSimTypeError("threadgroup_memory must map int indices to int byte counts")
+                raise MetalSimTypeError(
+                    "threadgroup_memory must map int indices to int byte counts"
+                )
             if not any(p.role == _abi.ROLE_THREADGROUP and p.index == index for p in k.params):
                 raise MetalSimArgumentError(
                     f"threadgroup memory {index} is given, but kernel '{k.host_name}' has no "

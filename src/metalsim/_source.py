@@ -424,7 +424,12 @@ class _Parser:
             return ("ns", name)
         if texts and texts[0] in ("struct", "class", "union", "enum") and "(" not in texts:
             return ("class", "")
-        if texts and texts[0] == "typedef" and texts[1:2] and texts[1] in ("struct", "union", "enum"):
+        if (
+            texts
+            and texts[0] == "typedef"
+            and texts[1:2]
+            and texts[1] in ("struct", "union", "enum")
+        ):
             return ("class", "")
         if texts and texts[0] == "extern":
             return ("ns", "")  # extern "C" { ... }
@@ -700,12 +705,14 @@ def glue(kernels: list[KernelEntry]) -> str:
     """The registration code appended to the translation unit."""
     out = ['#line 1 "<metalsim glue>"', "namespace metalsim_generated {"]
     for n, e in enumerate(kernels):
-        rows = [f"{{{p.role}, {p.index}, {_c_string(p.name)}, {p.line}}}" for p in e.function.params]
+        rows = [
+            f"{{{p.role}, {p.index}, {_c_string(p.name)}, {p.line}}}" for p in e.function.params
+        ]
         rows.append("{0, 0, nullptr, 0}")
         out.append(f"static const ms_param params_{n}[] = {{{', '.join(rows)}}};")
         out.append(
             f"static_assert(::metalsim::glue::arity(&{e.function_expr}) == "
-            f"{len(e.function.params)}, \"metalsim: parameter count mismatch\");"
+            f'{len(e.function.params)}, "metalsim: parameter count mismatch");'
         )
         out.append(
             f"static void entry_{n}(const ms_thread_args* t) "

@@ -99,6 +99,12 @@ class KVCache:
         0 .. offset + i: all cached keys and the new ones up to itself.
         """
         _check_kv(q, k, v)
+        if self.keys is not None and (
+            k.shape[0] != self.keys.shape[0]
+            or k.shape[1] != self.keys.shape[1]
+            or k.shape[3] != self.keys.shape[3]
+        ):
+            raise ValueError(f"keys {k.shape} do not fit a cache holding {self.keys.shape}")
         # TODO(Week 2 Day 1, task 2):
         # 1. L new tokens go to slots offset .. offset + L: self._reserve(k, v, offset + L),
         #    then write them with slice assignment: self.keys[..., start:end, :] = k (same for v).

@@ -73,7 +73,7 @@ void Swiglu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   (void)inputs;
   (void)out;
   throw NotImplemented(
-      "Week 2 Day 4, task 1: implement Swiglu::eval_cpu in "
+      "Week 2 Day 4, task 1: implement `Swiglu::eval_cpu` in "
       "src/extensions/src/swiglu.cpp");
 }
 
@@ -96,7 +96,7 @@ void encode_swiglu(Encoder& encoder, const std::vector<mx::array>& inputs) {
   (void)encoder;
   (void)inputs;
   throw NotImplemented(
-      "Week 2 Day 4, task 3: implement encode_swiglu in "
+      "Week 2 Day 4, task 3: implement `encode_swiglu` in "
       "src/extensions/src/swiglu.cpp");
 }
 

@@ -22,8 +22,12 @@
 namespace metalsim::rt {
 namespace {
 
-std::size_t page_size() { return std::size_t(sysconf(_SC_PAGESIZE)); }
-std::size_t round_up(std::size_t x, std::size_t a) { return (x + a - 1) / a * a; }
+std::size_t page_size() {
+  return std::size_t(sysconf(_SC_PAGESIZE));
+}
+std::size_t round_up(std::size_t x, std::size_t a) {
+  return (x + a - 1) / a * a;
+}
 
 struct Mapping {  // one buffer: [guard page][slack][data][guard page]
   int index = -1;
@@ -46,8 +50,8 @@ struct StackPool {  // fiber stacks, each with a guard page below it; kept betwe
     bytes = stack_bytes;
     const std::size_t page = page_size();
     while (lo.size() < count) {
-      void* m = mmap(nullptr, stack_bytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                     -1, 0);
+      void* m = mmap(nullptr, stack_bytes + page, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (m == MAP_FAILED) throw std::bad_alloc();
       mprotect(m, page, PROT_NONE);
       lo.push_back(static_cast<char*>(m) + page);
@@ -177,18 +181,24 @@ std::string validate(const ms_kernel* k, const ms_dispatch* d) {
     return fmt("threads_per_threadgroup (%u, %u, %u) must be positive with at most 1024 threads",
                d->tpg.x, d->tpg.y, d->tpg.z);
   if (k->max_total_threads && threads > k->max_total_threads)
-    return fmt("threads_per_threadgroup has %llu threads, but kernel '%s' declares "
-               "[[max_total_threads_per_threadgroup(%u)]]",
-               (unsigned long long)threads, k->host_name, k->max_total_threads);
-  if (!d->groups.x || !d->groups.y || !d->groups.z) return "the grid must have at least one threadgroup";
+    return fmt(
+        "threads_per_threadgroup has %llu threads, but kernel '%s' declares "
+        "[[max_total_threads_per_threadgroup(%u)]]",
+        (unsigned long long)threads, k->host_name, k->max_total_threads);
+  if (!d->groups.x || !d->groups.y || !d->groups.z)
+    return "the grid must have at least one threadgroup";
   if (d->mode != MS_MODE_FIBER && d->mode != MS_MODE_THREAD) return "unknown mode";
   bool seen[METALSIM_MAX_BINDINGS] = {};
   for (int i = 0; i < d->nbuffers; ++i) {
     const ms_binding& b = d->buffers[i];
-    if (b.index < 0 || b.index >= METALSIM_MAX_BINDINGS) return fmt("buffer index %d out of range", b.index);
+    if (b.index < 0 || b.index >= METALSIM_MAX_BINDINGS)
+      return fmt("buffer index %d out of range", b.index);
     if (seen[b.index]) return fmt("buffer index %d bound twice", b.index);
     seen[b.index] = true;
     if (b.nbytes && !b.data) return fmt("buffer %d: null data", b.index);
+    if (b.offset > b.nbytes)
+      return fmt("buffer %d: offset %llu is past its %llu bytes", b.index,
+                 (unsigned long long)b.offset, (unsigned long long)b.nbytes);
     if (!find_param(k, MS_ROLE_BUFFER, b.index))
       return fmt("buffer %d is bound, but kernel '%s' has no [[buffer(%d)]] parameter", b.index,
                  k->host_name, b.index);
@@ -203,13 +213,21 @@ std::string validate(const ms_kernel* k, const ms_dispatch* d) {
                           : "a pointer or a reference to be bound to a buffer");
     if (p.role != MS_ROLE_BUFFER) continue;
     if (!seen[p.index])
-      return fmt("kernel '%s' needs [[buffer(%d)]] '%s', which is not bound", k->host_name,
-                 p.index, p.name);
+      return fmt("kernel '%s' needs [[buffer(%d)]] '%s', which is not bound", k->host_name, p.index,
+                 p.name);
     for (int j = 0; j < d->nbuffers; ++j)
-      if (d->buffers[j].index == p.index && l.is_reference && d->buffers[j].nbytes < l.size)
-        return fmt("[[buffer(%d)]] '%s' is a reference to %llu bytes, but only %llu are bound",
-                   p.index, p.name, (unsigned long long)l.size,
-                   (unsigned long long)d->buffers[j].nbytes);
+      if (d->buffers[j].index == p.index) {
+        const ms_binding& b = d->buffers[j];
+        if (l.is_reference && b.nbytes - b.offset < l.size)
+          return fmt("[[buffer(%d)]] '%s' is a reference to %llu bytes, but only %llu are bound",
+                     p.index, p.name, (unsigned long long)l.size,
+                     (unsigned long long)(b.nbytes - b.offset));
+        if (l.align && b.offset % l.align)
+          return fmt(
+              "[[buffer(%d)]] '%s': offset %llu is not a multiple of the %u-byte alignment "
+              "of what it points to",
+              p.index, p.name, (unsigned long long)b.offset, l.align);
+      }
   }
   bool tg_seen[METALSIM_MAX_BINDINGS] = {};
   uint64_t tg_total = 0;
@@ -220,9 +238,10 @@ std::string validate(const ms_kernel* k, const ms_dispatch* d) {
     if (tg_seen[b.index]) return fmt("threadgroup memory index %d bound twice", b.index);
     tg_seen[b.index] = true;
     if (b.nbytes % 16)
-      return fmt("threadgroup memory [[threadgroup(%d)]]: %llu bytes is not a multiple of 16 (Metal "
-                 "requires it)",
-                 b.index, (unsigned long long)b.nbytes);
+      return fmt(
+          "threadgroup memory [[threadgroup(%d)]]: %llu bytes is not a multiple of 16 (Metal "
+          "requires it)",
+          b.index, (unsigned long long)b.nbytes);
     tg_total += b.nbytes;
   }
   for (int i = 0; i < k->nparams; ++i) {
@@ -232,9 +251,10 @@ std::string validate(const ms_kernel* k, const ms_dispatch* d) {
                  k->host_name, p.index, p.name);
   }
   if (tg_total > METALSIM_TG_MEMORY_LIMIT)
-    return fmt("threadgroup memory: %llu bytes requested, more than the %d bytes (32 KiB) a "
-               "threadgroup has",
-               (unsigned long long)tg_total, METALSIM_TG_MEMORY_LIMIT);
+    return fmt(
+        "threadgroup memory: %llu bytes requested, more than the %d bytes (32 KiB) a "
+        "threadgroup has",
+        (unsigned long long)tg_total, METALSIM_TG_MEMORY_LIMIT);
   return "";
 }
 
@@ -254,9 +274,13 @@ bool map_buffer(const ms_kernel* k, const ms_binding& b, Mapping& m) {
   m.base = static_cast<unsigned char*>(p);
   m.data_pages = m.base + page;
   m.end_guard = m.data_pages + data_span;
-  m.data = m.end_guard - tail;  // the data ends where the guard page starts
+  // The data ends where the guard page starts, so reading past the end faults at once. A buffer
+  // bound at an offset (a view with negative strides) may read backwards from its pointer:
+  // there the data starts right after the first guard page instead. The slack on the other
+  // side holds 0xFF bytes (NaN).
+  m.data = b.offset ? m.data_pages : m.end_guard - tail;
   m.nbytes = b.nbytes;
-  std::memset(m.data_pages, 0xff, std::size_t(m.data - m.data_pages));
+  std::memset(m.data_pages, 0xff, data_span);
   if (b.nbytes) std::memcpy(m.data, b.data, b.nbytes);
   mprotect(m.base, page, PROT_NONE);
   mprotect(m.end_guard, page, PROT_NONE);
@@ -271,22 +295,26 @@ std::string describe_fault(int sig, void* addr, int is_write) {
   const char* access = is_write == 1 ? "write" : is_write == 0 ? "read" : "access";
   unsigned char* a = static_cast<unsigned char*>(addr);
   if (sig == SIGFPE) return "arithmetic exception (integer division by zero?)";
-  if (sig == SIGILL) return "illegal instruction (a function that should return a value fell off its end?)";
+  if (sig == SIGILL)
+    return "illegal instruction (a function that should return a value fell off its end?)";
   if (sig == SIGUSR2) return "";
   const std::size_t page = page_size();
   if (active.maps) {
     for (const Mapping& m : *active.maps) {
       const char* what = m.binding->flags & MS_BIND_BYTES ? "set_bytes data" : "buffer";
       if (a >= m.end_guard && a < m.end_guard + page)
-        return fmt("out-of-bounds %s of [[buffer(%d)]] '%s' (%s of %zu bytes): byte %zu past its end",
-                   access, m.index, m.name, what, m.nbytes, std::size_t(a - (m.data + m.nbytes)));
+        return fmt(
+            "out-of-bounds %s of [[buffer(%d)]] '%s' (%s of %zu bytes): byte %zu past its end",
+            access, m.index, m.name, what, m.nbytes, std::size_t(a - (m.data + m.nbytes)));
       if (a >= m.base && a < m.data_pages)
-        return fmt("out-of-bounds %s of [[buffer(%d)]] '%s' (%s of %zu bytes): %zu bytes before "
-                   "its start",
-                   access, m.index, m.name, what, m.nbytes, std::size_t(m.data - a));
+        return fmt(
+            "out-of-bounds %s of [[buffer(%d)]] '%s' (%s of %zu bytes): %zu bytes before "
+            "its start",
+            access, m.index, m.name, what, m.nbytes, std::size_t(m.data - a));
       if (a >= m.data_pages && a < m.end_guard && m.read_only)
-        return fmt("write to read-only [[buffer(%d)]] '%s' (declared `constant` or `device const`%s)",
-                   m.index, m.name, m.binding->flags & MS_BIND_BYTES ? ", bound as bytes" : "");
+        return fmt(
+            "write to read-only [[buffer(%d)]] '%s' (declared `constant` or `device const`%s)",
+            m.index, m.name, m.binding->flags & MS_BIND_BYTES ? ", bound as bytes" : "");
     }
   }
   if (active.group && a >= active.group->tg_arena + METALSIM_TG_MEMORY_LIMIT &&
@@ -294,10 +322,12 @@ std::string describe_fault(int sig, void* addr, int is_write) {
     return fmt("out-of-bounds %s of threadgroup memory: past the 32 KiB a threadgroup has", access);
   if (active.mode == MS_MODE_FIBER)
     for (char* lo : stack_pool.lo)
-      if (a >= reinterpret_cast<unsigned char*>(lo) - page && a < reinterpret_cast<unsigned char*>(lo))
-        return fmt("stack overflow: the thread used more than its %zu KiB of stack (set "
-                   "METALSIM_STACK_KIB to raise it; large private arrays?)",
-                   active.stack_bytes / 1024);
+      if (a >= reinterpret_cast<unsigned char*>(lo) - page &&
+          a < reinterpret_cast<unsigned char*>(lo))
+        return fmt(
+            "stack overflow: the thread used more than its %zu KiB of stack (set "
+            "METALSIM_STACK_KIB to raise it; large private arrays?)",
+            active.stack_bytes / 1024);
   if (a < reinterpret_cast<unsigned char*>(page))
     return fmt("%s through a null pointer (address %p)", access, addr);
   return fmt("invalid memory %s at address %p (not in any bound buffer)", access, addr);
@@ -333,9 +363,12 @@ void run_entry_guarded(Group& g, ThreadCtx* t) {
 
 using namespace metalsim::rt;
 
-MS_EXPORT const char* metalsim_runtime_info() { return fiber_impl_name(); }
+MS_EXPORT const char* metalsim_runtime_info() {
+  return fiber_impl_name();
+}
 
-MS_EXPORT int metalsim_dispatch(const ms_kernel* k, const ms_dispatch* d, char* err, size_t errlen) {
+MS_EXPORT int metalsim_dispatch(const ms_kernel* k, const ms_dispatch* d, char* err,
+                                size_t errlen) {
   auto fail = [&](const std::string& msg) {
     std::snprintf(err, errlen, "%s", msg.c_str());
     return 1;
@@ -360,8 +393,8 @@ MS_EXPORT int metalsim_dispatch(const ms_kernel* k, const ms_dispatch* d, char* 
   }
   const std::size_t page = page_size();
   const std::size_t arena_bytes = round_up(METALSIM_TG_MEMORY_LIMIT, page);
-  void* arena = mmap(nullptr, arena_bytes + page, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  void* arena =
+      mmap(nullptr, arena_bytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (arena == MAP_FAILED) {
     unmap_all();
     return fail("out of memory mapping threadgroup memory");
@@ -377,7 +410,7 @@ MS_EXPORT int metalsim_dispatch(const ms_kernel* k, const ms_dispatch* d, char* 
   g.tg_static.clear();
   std::memset(g.buffer_pointers, 0, sizeof g.buffer_pointers);
   std::memset(g.tg_pointers, 0, sizeof g.tg_pointers);
-  for (const Mapping& m : maps) g.buffer_pointers[m.index] = m.data;
+  for (const Mapping& m : maps) g.buffer_pointers[m.index] = m.data + m.binding->offset;
   uint64_t off = 0;
   for (int i = 0; i < d->nthreadgroup; ++i) {
     g.tg_pointers[d->threadgroup[i].index] = g.tg_arena + off;
@@ -388,7 +421,8 @@ MS_EXPORT int metalsim_dispatch(const ms_kernel* k, const ms_dispatch* d, char* 
   if (g.threads.size() < max_threads) g.threads.resize(max_threads);
   if (g.sgs.size() < 32) g.sgs.resize(32);
   if (g.ready.size() < max_threads) g.ready.resize(max_threads);
-  const std::size_t stack_bytes = round_up(std::size_t(d->stack_kib ? d->stack_kib : 128) * 1024, page);
+  const std::size_t stack_bytes =
+      round_up(std::size_t(d->stack_kib ? d->stack_kib : 128) * 1024, page);
   std::vector<char*> stacks;
   if (d->mode == MS_MODE_FIBER) {
     try {
@@ -443,9 +477,10 @@ MS_EXPORT int metalsim_dispatch(const ms_kernel* k, const ms_dispatch* d, char* 
       if (m.binding->flags & MS_BIND_HOST_WRITEABLE) {
         std::memcpy(m.binding->data, m.data, m.nbytes);
       } else if (std::memcmp(m.binding->data, m.data, m.nbytes) != 0) {
-        error = fmt("kernel '%s' wrote to [[buffer(%d)]] '%s', but the array bound to it is "
-                    "read-only",
-                    k->host_name, m.index, m.name);
+        error =
+            fmt("kernel '%s' wrote to [[buffer(%d)]] '%s', but the array bound to it is "
+                "read-only",
+                k->host_name, m.index, m.name);
       }
     }
   }

@@ -4,7 +4,8 @@
 
 #ifdef __APPLE__
 #define MS_SYM(name) "_" #name
-#define MS_FUNC_BEGIN(name) ".globl _" #name "\n.private_extern _" #name "\n.p2align 4\n_" #name ":\n"
+#define MS_FUNC_BEGIN(name) \
+  ".globl _" #name "\n.private_extern _" #name "\n.p2align 4\n_" #name ":\n"
 #define MS_FUNC_END(name) ""
 #else
 #define MS_SYM(name) #name
@@ -37,8 +38,12 @@ void Fiber::init(char* lo, std::size_t size, void (*fn)(void*), void* arg) {
               unsigned(a >> 32));
 }
 
-void switch_fiber(Fiber& from, Fiber& to) { swapcontext(&from.uc, &to.uc); }
-const char* fiber_impl_name() { return "ucontext"; }
+void switch_fiber(Fiber& from, Fiber& to) {
+  swapcontext(&from.uc, &to.uc);
+}
+const char* fiber_impl_name() {
+  return "ucontext";
+}
 
 #elif defined(__x86_64__)
 
@@ -73,17 +78,21 @@ void Fiber::init(char* lo, std::size_t size, void (*fn)(void*), void* arg) {
   uintptr_t top = (reinterpret_cast<uintptr_t>(lo) + size) & ~uintptr_t(15);
   uint64_t* p = reinterpret_cast<uint64_t*>(top - 8);  // so rsp is 16-aligned after `ret`
   *p = reinterpret_cast<uint64_t>(&ms_fiber_trampoline);
-  *--p = 0;                                  // rbp
-  *--p = 0;                                  // rbx
-  *--p = reinterpret_cast<uint64_t>(arg);    // r12
-  *--p = reinterpret_cast<uint64_t>(fn);     // r13
-  *--p = 0;                                  // r14
-  *--p = 0;                                  // r15
+  *--p = 0;                                // rbp
+  *--p = 0;                                // rbx
+  *--p = reinterpret_cast<uint64_t>(arg);  // r12
+  *--p = reinterpret_cast<uint64_t>(fn);   // r13
+  *--p = 0;                                // r14
+  *--p = 0;                                // r15
   sp = p;
 }
 
-void switch_fiber(Fiber& from, Fiber& to) { ms_fiber_switch(&from.sp, to.sp); }
-const char* fiber_impl_name() { return "asm-x86_64"; }
+void switch_fiber(Fiber& from, Fiber& to) {
+  ms_fiber_switch(&from.sp, to.sp);
+}
+const char* fiber_impl_name() {
+  return "asm-x86_64";
+}
 
 #elif defined(__aarch64__)
 
@@ -131,8 +140,8 @@ void Fiber::init(char* lo, std::size_t size, void (*fn)(void*), void* arg) {
   uintptr_t top = (reinterpret_cast<uintptr_t>(lo) + size) & ~uintptr_t(15);
   uint64_t* f = reinterpret_cast<uint64_t*>(top - 176);
   for (int i = 0; i < 22; ++i) f[i] = 0;
-  f[0] = reinterpret_cast<uint64_t>(arg);                   // x19
-  f[1] = reinterpret_cast<uint64_t>(fn);                    // x20
+  f[0] = reinterpret_cast<uint64_t>(arg);                    // x19
+  f[1] = reinterpret_cast<uint64_t>(fn);                     // x20
   f[11] = reinterpret_cast<uint64_t>(&ms_fiber_trampoline);  // x30
   uint64_t fpcr;
   __asm__ volatile("mrs %0, fpcr" : "=r"(fpcr));
@@ -140,8 +149,12 @@ void Fiber::init(char* lo, std::size_t size, void (*fn)(void*), void* arg) {
   sp = f;
 }
 
-void switch_fiber(Fiber& from, Fiber& to) { ms_fiber_switch(&from.sp, to.sp); }
-const char* fiber_impl_name() { return "asm-aarch64"; }
+void switch_fiber(Fiber& from, Fiber& to) {
+  ms_fiber_switch(&from.sp, to.sp);
+}
+const char* fiber_impl_name() {
+  return "asm-aarch64";
+}
 
 #endif
 

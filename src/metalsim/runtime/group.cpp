@@ -193,13 +193,16 @@ std::string fmt(const char* f, ...) {
   return buf;
 }
 
-std::string describe_site(const site& s) { return fmt("%s:%u", s.file_name(), s.line()); }
+std::string describe_site(const site& s) {
+  return fmt("%s:%u", s.file_name(), s.line());
+}
 
 std::string describe_thread(const Group& g, const ThreadCtx& t) {
   const ms_uint3& p = t.args.builtin[MS_THREAD_POSITION_IN_GRID - MS_ROLE_BUILTIN0];
-  return fmt("thread (%u,%u,%u) of the grid (threadgroup (%u,%u,%u), thread %u in it: simdgroup "
-             "%u, lane %u)",
-             p.x, p.y, p.z, g.pos.x, g.pos.y, g.pos.z, t.index, t.sg, t.lane);
+  return fmt(
+      "thread (%u,%u,%u) of the grid (threadgroup (%u,%u,%u), thread %u in it: simdgroup "
+      "%u, lane %u)",
+      p.x, p.y, p.z, g.pos.x, g.pos.y, g.pos.z, t.index, t.sg, t.lane);
 }
 
 std::string deadlock_message(const Group& g) {
@@ -244,14 +247,15 @@ exchange_view simd_exchange(const void* value, uint32_t size, const char* what, 
   if (g.failed) abort_thread(g, t);
   const uint32_t bit = 1u << t->lane;
   if (s.arrived && !same_site(s.where, where))
-    fail_here(g, t,
-              fmt("divergent SIMD-group call: %s calls %s at %s, but %s. Every active lane of a "
-                  "SIMD-group must make the same SIMD-group call (metalsim needs uniform control "
-                  "flow around them).",
-                  describe_thread(g, *t).c_str(), what, describe_site(where).c_str(),
-                  peers_message(g, t->sg, s.arrived,
-                                fmt("wait in %s at %s", s.what, describe_site(s.where).c_str()).c_str())
-                      .c_str()));
+    fail_here(
+        g, t,
+        fmt("divergent SIMD-group call: %s calls %s at %s, but %s. Every active lane of a "
+            "SIMD-group must make the same SIMD-group call (metalsim needs uniform control "
+            "flow around them).",
+            describe_thread(g, *t).c_str(), what, describe_site(where).c_str(),
+            peers_message(g, t->sg, s.arrived,
+                          fmt("wait in %s at %s", s.what, describe_site(s.where).c_str()).c_str())
+                .c_str()));
   if (s.at_barrier)
     fail_here(g, t,
               fmt("divergent control flow: %s calls %s at %s, but %s, so neither can complete.",
@@ -271,10 +275,13 @@ exchange_view simd_exchange(const void* value, uint32_t size, const char* what, 
     block(g, t, lock, State::WaitSimd, what, where);
   const bool fibers = g.mode == MS_MODE_FIBER;
   return exchange_view{&s.slots[parity][0][0], s.mask[parity], t->lane,
-                       fibers ? s.shared[parity] : nullptr, fibers ? &s.shared_valid[parity] : nullptr};
+                       fibers ? s.shared[parity] : nullptr,
+                       fibers ? &s.shared_valid[parity] : nullptr};
 }
 
-void simdgroup_barrier(const char* what, const site& where) { simd_exchange(nullptr, 0, what, where); }
+void simdgroup_barrier(const char* what, const site& where) {
+  simd_exchange(nullptr, 0, what, where);
+}
 
 void threadgroup_barrier(const char* what, const site& where) {
   ThreadCtx* t = tls_current;
@@ -284,12 +291,13 @@ void threadgroup_barrier(const char* what, const site& where) {
   if (g.failed) abort_thread(g, t);
   SimdState& s = g.sgs[t->sg];
   if (s.arrived)
-    fail_here(g, t,
-              fmt("divergent control flow: %s reached %s at %s, but %s, so neither can complete.",
-                  describe_thread(g, *t).c_str(), what, describe_site(where).c_str(),
-                  peers_message(g, t->sg, s.arrived,
-                                fmt("wait in %s at %s", s.what, describe_site(s.where).c_str()).c_str())
-                      .c_str()));
+    fail_here(
+        g, t,
+        fmt("divergent control flow: %s reached %s at %s, but %s, so neither can complete.",
+            describe_thread(g, *t).c_str(), what, describe_site(where).c_str(),
+            peers_message(g, t->sg, s.arrived,
+                          fmt("wait in %s at %s", s.what, describe_site(s.where).c_str()).c_str())
+                .c_str()));
   if (g.bar.arrived && !same_site(g.bar.where, where)) {
     std::vector<uint32_t> waiting = threads_waiting_at(g, State::WaitBarrier, nullptr);
     fail_here(g, t,
@@ -338,8 +346,9 @@ void fail(const char* message, const site& where) {
   ThreadCtx* t = tls_current;
   Group& g = *t->group;
   GroupLock lock(g);
-  fail_here(g, t, fmt("%s at %s (%s)", message, describe_site(where).c_str(),
-                      describe_thread(g, *t).c_str()));
+  fail_here(
+      g, t,
+      fmt("%s at %s (%s)", message, describe_site(where).c_str(), describe_thread(g, *t).c_str()));
 }
 
 void group_begin(Group& g, ms_uint3 pos) {

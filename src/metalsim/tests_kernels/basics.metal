@@ -4,20 +4,16 @@
 #include <metal_stdlib>
 using namespace metal;
 
-kernel void add_scaled(device const float* a [[buffer(0)]],
-                       device const float* b [[buffer(1)]],
-                       device float* out [[buffer(2)]],
-                       constant uint& n [[buffer(3)]],
+kernel void add_scaled(device const float* a [[buffer(0)]], device const float* b [[buffer(1)]],
+                       device float* out [[buffer(2)]], constant uint& n [[buffer(3)]],
                        uint gid [[thread_position_in_grid]]) {
   if (gid >= n) return;
   out[gid] = a[gid] + 0.5 * b[gid];
 }
 
 // Every SIMD-group function, one row of `out` each: out[k * total + gid].
-kernel void simd_ops(device const float* x [[buffer(0)]],
-                     device float* out [[buffer(1)]],
-                     uint gid [[thread_position_in_grid]],
-                     uint total [[threads_per_grid]],
+kernel void simd_ops(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                     uint gid [[thread_position_in_grid]], uint total [[threads_per_grid]],
                      uint lane [[thread_index_in_simdgroup]]) {
   float v = x[gid];
   out[0 * total + gid] = simd_sum(v);
@@ -33,8 +29,7 @@ kernel void simd_ops(device const float* x [[buffer(0)]],
 }
 
 // Sum of 256 values per threadgroup: SIMD sums, then 8 partial sums through threadgroup memory.
-kernel void tg_reduce(device const float* x [[buffer(0)]],
-                      device float* out [[buffer(1)]],
+kernel void tg_reduce(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
                       uint tid [[thread_index_in_threadgroup]],
                       uint tg [[threadgroup_position_in_grid]],
                       uint lane [[thread_index_in_simdgroup]],
@@ -53,14 +48,11 @@ kernel void tg_reduce(device const float* x [[buffer(0)]],
 }
 
 // The same reduction with the barrier forgotten: simdgroup 0 reads partial sums not yet written.
-kernel void tg_reduce_no_barrier(device const float* x [[buffer(0)]],
-                                 device float* out [[buffer(1)]],
-                                 uint tid [[thread_index_in_threadgroup]],
-                                 uint tg [[threadgroup_position_in_grid]],
-                                 uint lane [[thread_index_in_simdgroup]],
-                                 uint sg [[simdgroup_index_in_threadgroup]],
-                                 uint nsg [[simdgroups_per_threadgroup]],
-                                 uint tpg [[threads_per_threadgroup]]) {
+kernel void tg_reduce_no_barrier(
+    device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+    uint tid [[thread_index_in_threadgroup]], uint tg [[threadgroup_position_in_grid]],
+    uint lane [[thread_index_in_simdgroup]], uint sg [[simdgroup_index_in_threadgroup]],
+    uint nsg [[simdgroups_per_threadgroup]], uint tpg [[threads_per_threadgroup]]) {
   threadgroup float partial[32];
   float v = simd_sum(x[tg * tpg + tid]);
   if (lane == 0) partial[sg] = v;
@@ -72,8 +64,7 @@ kernel void tg_reduce_no_barrier(device const float* x [[buffer(0)]],
 }
 
 // The same reduction with the partial sums in [[threadgroup(0)]] memory sized by the host.
-kernel void tg_reduce_dynamic(device const float* x [[buffer(0)]],
-                              device float* out [[buffer(1)]],
+kernel void tg_reduce_dynamic(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
                               threadgroup float* partial [[threadgroup(0)]],
                               uint tid [[thread_index_in_threadgroup]],
                               uint tg [[threadgroup_position_in_grid]],
@@ -115,10 +106,15 @@ kernel void divergent_simd(device float* out [[buffer(0)]],
 }
 
 // One element too far: the last thread reads past the end of `x`.
-kernel void shift_left(device const float* x [[buffer(0)]],
-                       device float* out [[buffer(1)]],
+kernel void shift_left(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
                        uint gid [[thread_position_in_grid]]) {
   out[gid] = x[gid + 1];
+}
+
+// Reads backwards from where `x` points: bound at an offset, as a negative-stride view is.
+kernel void read_backwards(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                           uint gid [[thread_position_in_grid]]) {
+  out[gid] = x[-int(gid)];
 }
 
 // Writes through a `constant` pointer's memory (cast away): read-only buffers stay read-only.
@@ -134,14 +130,10 @@ kernel void spin(device const uint* flag [[buffer(0)]], device uint* out [[buffe
 }
 
 // half and bfloat arithmetic: each operation rounds to the type, as on the GPU.
-kernel void half_bfloat(device const half* ah [[buffer(0)]],
-                        device const half* bh [[buffer(1)]],
-                        device half* outh [[buffer(2)]],
-                        device const bfloat* ab [[buffer(3)]],
-                        device const bfloat* bb [[buffer(4)]],
-                        device bfloat* outb [[buffer(5)]],
-                        device float* outf [[buffer(6)]],
-                        uint gid [[thread_position_in_grid]]) {
+kernel void half_bfloat(device const half* ah [[buffer(0)]], device const half* bh [[buffer(1)]],
+                        device half* outh [[buffer(2)]], device const bfloat* ab [[buffer(3)]],
+                        device const bfloat* bb [[buffer(4)]], device bfloat* outb [[buffer(5)]],
+                        device float* outf [[buffer(6)]], uint gid [[thread_position_in_grid]]) {
   half x = ah[gid], y = bh[gid];
   outh[gid] = x * y + x;
   bfloat p = ab[gid], q = bb[gid];
@@ -150,10 +142,8 @@ kernel void half_bfloat(device const half* ah [[buffer(0)]],
 }
 
 // float -> bfloat and float -> half conversions.
-kernel void convert(device const float* x [[buffer(0)]],
-                    device half* h [[buffer(1)]],
-                    device bfloat* b [[buffer(2)]],
-                    uint gid [[thread_position_in_grid]]) {
+kernel void convert(device const float* x [[buffer(0)]], device half* h [[buffer(1)]],
+                    device bfloat* b [[buffer(2)]], uint gid [[thread_position_in_grid]]) {
   h[gid] = static_cast<half>(x[gid]);
   b[gid] = static_cast<bfloat>(x[gid]);
 }
@@ -171,10 +161,8 @@ kernel void type_sizes(device uint* out [[buffer(0)]]) {
 }
 
 // Vectors: constructors, swizzles, element-wise arithmetic and math.
-kernel void vectors(device const float4* x [[buffer(0)]],
-                    device float4* out [[buffer(1)]],
-                    device float* dots [[buffer(2)]],
-                    uint gid [[thread_position_in_grid]]) {
+kernel void vectors(device const float4* x [[buffer(0)]], device float4* out [[buffer(1)]],
+                    device float* dots [[buffer(2)]], uint gid [[thread_position_in_grid]]) {
   float4 v = x[gid];
   float4 r = float4(v.xy, v.w, 1.0f) * 2.0f + v.wzyx;
   r.xz = r.zx;
@@ -185,10 +173,8 @@ kernel void vectors(device const float4* x [[buffer(0)]],
 }
 
 // Atomics on device memory (float) and threadgroup memory (uint).
-kernel void atomics(device atomic_float* total [[buffer(0)]],
-                    device uint* counts [[buffer(1)]],
-                    device const float* x [[buffer(2)]],
-                    uint gid [[thread_position_in_grid]],
+kernel void atomics(device atomic_float* total [[buffer(0)]], device uint* counts [[buffer(1)]],
+                    device const float* x [[buffer(2)]], uint gid [[thread_position_in_grid]],
                     uint tid [[thread_index_in_threadgroup]],
                     uint tg [[threadgroup_position_in_grid]]) {
   threadgroup atomic_uint count;
@@ -201,10 +187,8 @@ kernel void atomics(device atomic_float* total [[buffer(0)]],
 }
 
 // Built-in values of a 2-D dispatchThreads with partial edge threadgroups.
-kernel void positions(device uint4* out [[buffer(0)]],
-                      uint2 gid [[thread_position_in_grid]],
-                      uint2 grid [[grid_size]],
-                      uint2 tpg [[threads_per_threadgroup]],
+kernel void positions(device uint4* out [[buffer(0)]], uint2 gid [[thread_position_in_grid]],
+                      uint2 grid [[grid_size]], uint2 tpg [[threads_per_threadgroup]],
                       ushort2 lid [[thread_position_in_threadgroup]],
                       uint2 group [[threadgroup_position_in_grid]]) {
   out[gid.y * grid.x + gid.x] = uint4(lid.x, lid.y, tpg.x * 100 + tpg.y, group.x * 100 + group.y);
@@ -212,12 +196,11 @@ kernel void positions(device uint4* out [[buffer(0)]],
 
 // A template kernel, instantiated under two host names.
 template <typename T>
-kernel void scale(device const T* x [[buffer(0)]],
-                  device T* out [[buffer(1)]],
-                  constant float& s [[buffer(2)]],
-                  uint gid [[thread_position_in_grid]]) {
+kernel void scale(device const T* x [[buffer(0)]], device T* out [[buffer(1)]],
+                  constant float& s [[buffer(2)]], uint gid [[thread_position_in_grid]]) {
   out[gid] = static_cast<T>(float(x[gid]) * s);
 }
-template [[host_name("scale_float")]] [[kernel]] void scale<float>(
-    device const float*, device float*, constant float&, uint);
+template [[host_name("scale_float")]] [[kernel]] void scale<float>(device const float*,
+                                                                   device float*, constant float&,
+                                                                   uint);
 template [[host_name("scale_half")]] [[kernel]] decltype(scale<half>) scale<half>;

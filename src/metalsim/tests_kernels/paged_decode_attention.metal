@@ -21,12 +21,10 @@ struct DecodeParams {
 };
 
 template <typename T, int D, int SIMDGROUPS>
-kernel void paged_decode(device const T* q [[buffer(0)]],
-                         device const T* k_cache [[buffer(1)]],
+kernel void paged_decode(device const T* q [[buffer(0)]], device const T* k_cache [[buffer(1)]],
                          device const T* v_cache [[buffer(2)]],
                          device const int* block_tables [[buffer(3)]],
-                         device const int* seq_lens [[buffer(4)]],
-                         device T* out [[buffer(5)]],
+                         device const int* seq_lens [[buffer(4)]], device T* out [[buffer(5)]],
                          constant DecodeParams& p [[buffer(6)]],
                          uint3 group [[threadgroup_position_in_grid]],
                          uint tid [[thread_index_in_threadgroup]],
@@ -39,7 +37,8 @@ kernel void paged_decode(device const T* q [[buffer(0)]],
   const int len = seq_lens[seq];
 
   float qv[E];
-  for (int e = 0; e < E; ++e) qv[e] = float(q[(seq * p.num_heads + head) * D + lane * E + e]) * p.scale;
+  for (int e = 0; e < E; ++e)
+    qv[e] = float(q[(seq * p.num_heads + head) * D + lane * E + e]) * p.scale;
 
   float m = -INFINITY;  // running max of the scores this SIMD-group has seen
   float l = 0.0f;       // running sum of exp(score - m)
@@ -49,7 +48,8 @@ kernel void paged_decode(device const T* q [[buffer(0)]],
   for (int t = int(sg); t < len; t += SIMDGROUPS) {
     const int block = block_tables[seq * p.max_blocks + uint(t) / p.block_size];
     const uint slot = uint(t) % p.block_size;
-    const ulong base = ((ulong(block) * p.num_kv_heads + kv_head) * p.block_size + slot) * D + lane * E;
+    const ulong base =
+        ((ulong(block) * p.num_kv_heads + kv_head) * p.block_size + slot) * D + lane * E;
     float s = 0.0f;
     for (int e = 0; e < E; ++e) s += qv[e] * float(k_cache[base + e]);
     s = simd_sum(s);  // the full dot product, in every lane

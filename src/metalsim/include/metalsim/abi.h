@@ -6,10 +6,10 @@
 #include <cstdint>
 #include <source_location>
 
-#define METALSIM_ABI_VERSION 1
-#define METALSIM_MAX_BINDINGS 31   // Metal's argument table: buffer and threadgroup indices 0..30
-#define METALSIM_SIMD_WIDTH 32     // lanes per SIMD-group on Apple GPUs
-#define METALSIM_SLOT_BYTES 64     // largest value a SIMD-group function may exchange
+#define METALSIM_ABI_VERSION 2
+#define METALSIM_MAX_BINDINGS 31  // Metal's argument table: buffer and threadgroup indices 0..30
+#define METALSIM_SIMD_WIDTH 32    // lanes per SIMD-group on Apple GPUs
+#define METALSIM_SLOT_BYTES 64    // largest value a SIMD-group function may exchange
 #define METALSIM_TG_MEMORY_LIMIT 32768  // threadgroup memory per threadgroup on Apple GPUs
 
 extern "C" {
@@ -89,6 +89,7 @@ struct ms_binding {
   int32_t flags;  // MS_BIND_*
   void* data;     // host memory (NumPy array or bytes); copied in and, if written, out
   uint64_t nbytes;
+  uint64_t offset;  // the kernel's pointer is data + offset (setBuffer:offset:)
 };
 enum { MS_BIND_HOST_WRITEABLE = 1, MS_BIND_BYTES = 2 };
 

@@ -57,7 +57,8 @@ P builtin(const ms_uint3& v) {
     else
       return B(E(v.x), E(v.y), E(v.z));
   } else {
-    static_assert(is_int_v<B>, "metalsim: built-in kernel arguments are integers or integer vectors");
+    static_assert(is_int_v<B>,
+                  "metalsim: built-in kernel arguments are integers or integer vectors");
     return B(v.x);
   }
 }
@@ -76,7 +77,8 @@ P arg(const ms_thread_args* t, const ms_param& p) {
 }
 
 template <class... P, std::size_t... I>
-void call(void (*f)(P...), const ms_thread_args* t, const ms_param* params, std::index_sequence<I...>) {
+void call(void (*f)(P...), const ms_thread_args* t, const ms_param* params,
+          std::index_sequence<I...>) {
   f(arg<P>(t, params[I])...);
 }
 template <class... P>

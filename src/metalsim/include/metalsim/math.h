@@ -98,9 +98,9 @@ namespace metal {
 namespace ms_math {
 using namespace ::metalsim::detail;
 
-#define MS_UNARY_FLOAT(name, expr)                        \
-  template <floating X>                                   \
-  ::metalsim::norm_t<X> name(const X& x) {                \
+#define MS_UNARY_FLOAT(name, expr)                              \
+  template <floating X>                                         \
+  ::metalsim::norm_t<X> name(const X& x) {                      \
     return map_float(x, [](float v) -> float { return expr; }); \
   }
 MS_UNARY_FLOAT(exp, __builtin_expf(v))
@@ -149,12 +149,12 @@ template <numeric X>
   }
 }
 
-#define MS_BINARY(name, concept_, body)                                   \
-  template <concept_ A, concept_ B>                                       \
-  common_t<A, B> name(const A& a, const B& b) {                           \
-    using R = common_t<A, B>;                                             \
-    using T = ::metalsim::elem_t<R>;                                      \
-    return zip2(R(a), R(b), [](T x, T y) -> T { return T(body); });      \
+#define MS_BINARY(name, concept_, body)                             \
+  template <concept_ A, concept_ B>                                 \
+  common_t<A, B> name(const A& a, const B& b) {                     \
+    using R = common_t<A, B>;                                       \
+    using T = ::metalsim::elem_t<R>;                                \
+    return zip2(R(a), R(b), [](T x, T y) -> T { return T(body); }); \
   }
 MS_BINARY(max, numeric, max1(x, y))
 MS_BINARY(min, numeric, min1(x, y))
@@ -170,12 +170,12 @@ MS_BINARY(step, floating, float(y) < float(x) ? 0.0f : 1.0f)
 MS_BINARY(divide, floating, float(x) / float(y))
 #undef MS_BINARY
 
-#define MS_TERNARY(name, concept_, body)                                          \
-  template <concept_ A, concept_ B, concept_ C>                                   \
-  common3_t<A, B, C> name(const A& a, const B& b, const C& c) {                   \
-    using R = common3_t<A, B, C>;                                                 \
-    using T = ::metalsim::elem_t<R>;                                              \
-    return zip3(R(a), R(b), R(c), [](T x, T y, T z) -> T { return T(body); });   \
+#define MS_TERNARY(name, concept_, body)                                       \
+  template <concept_ A, concept_ B, concept_ C>                                \
+  common3_t<A, B, C> name(const A& a, const B& b, const C& c) {                \
+    using R = common3_t<A, B, C>;                                              \
+    using T = ::metalsim::elem_t<R>;                                           \
+    return zip3(R(a), R(b), R(c), [](T x, T y, T z) -> T { return T(body); }); \
   }
 MS_TERNARY(clamp, numeric, min1(max1(x, y), z))
 MS_TERNARY(fma, floating, __builtin_fmaf(float(x), float(y), float(z)))
@@ -288,8 +288,8 @@ template <integer X>
   using R = ::metalsim::norm_t<X>;
   R v = x;
   return zip2(v, v, [](auto a, auto) {
-    return decltype(a)(__builtin_popcountll(static_cast<unsigned long long>(
-        static_cast<std::make_unsigned_t<decltype(a)>>(a))));
+    return decltype(a)(__builtin_popcountll(
+        static_cast<unsigned long long>(static_cast<std::make_unsigned_t<decltype(a)>>(a))));
   });
 }
 template <integer X>

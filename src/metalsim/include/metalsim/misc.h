@@ -8,60 +8,114 @@ namespace metal {
 template <class T>
 struct numeric_limits;
 template <class T>
-  requires ::metalsim::is_int_v<T>
+requires ::metalsim::is_int_v<T>
 struct numeric_limits<T> {
   static constexpr bool is_specialized = true, is_signed = std::is_signed_v<T>, is_integer = true;
   static constexpr bool has_infinity = false, has_quiet_NaN = false;
   static constexpr int digits = int(sizeof(T) * 8) - (std::is_signed_v<T> ? 1 : 0);
-  static constexpr T min() { return lowest(); }
-  static constexpr T lowest() { return std::is_signed_v<T> ? T(T(1) << digits) : T(0); }
-  static constexpr T max() { return T(~lowest()); }
+  static constexpr T min() {
+    return lowest();
+  }
+  static constexpr T lowest() {
+    return std::is_signed_v<T> ? T(T(1) << digits) : T(0);
+  }
+  static constexpr T max() {
+    return T(~lowest());
+  }
 };
 template <>
 struct numeric_limits<float> {
   static constexpr bool is_specialized = true, is_signed = true, is_integer = false;
   static constexpr bool has_infinity = true, has_quiet_NaN = true;
   static constexpr int digits = 24;
-  static constexpr float min() { return __FLT_MIN__; }
-  static constexpr float max() { return __FLT_MAX__; }
-  static constexpr float lowest() { return -__FLT_MAX__; }
-  static constexpr float epsilon() { return __FLT_EPSILON__; }
-  static constexpr float infinity() { return __builtin_huge_valf(); }
-  static constexpr float quiet_NaN() { return __builtin_nanf(""); }
-  static constexpr float denorm_min() { return __FLT_DENORM_MIN__; }
+  static constexpr float min() {
+    return __FLT_MIN__;
+  }
+  static constexpr float max() {
+    return __FLT_MAX__;
+  }
+  static constexpr float lowest() {
+    return -__FLT_MAX__;
+  }
+  static constexpr float epsilon() {
+    return __FLT_EPSILON__;
+  }
+  static constexpr float infinity() {
+    return __builtin_huge_valf();
+  }
+  static constexpr float quiet_NaN() {
+    return __builtin_nanf("");
+  }
+  static constexpr float denorm_min() {
+    return __FLT_DENORM_MIN__;
+  }
 };
 template <>
 struct numeric_limits<half> {
   static constexpr bool is_specialized = true, is_signed = true, is_integer = false;
   static constexpr bool has_infinity = true, has_quiet_NaN = true;
   static constexpr int digits = 11;
-  static constexpr half min() { return half(0x1p-14f); }
-  static constexpr half max() { return half(65504.0f); }
-  static constexpr half lowest() { return half(-65504.0f); }
-  static constexpr half epsilon() { return half(0x1p-10f); }
-  static constexpr half infinity() { return half(__builtin_huge_valf()); }
-  static constexpr half quiet_NaN() { return half(__builtin_nanf("")); }
-  static constexpr half denorm_min() { return half(0x1p-24f); }
+  static constexpr half min() {
+    return half(0x1p-14f);
+  }
+  static constexpr half max() {
+    return half(65504.0f);
+  }
+  static constexpr half lowest() {
+    return half(-65504.0f);
+  }
+  static constexpr half epsilon() {
+    return half(0x1p-10f);
+  }
+  static constexpr half infinity() {
+    return half(__builtin_huge_valf());
+  }
+  static constexpr half quiet_NaN() {
+    return half(__builtin_nanf(""));
+  }
+  static constexpr half denorm_min() {
+    return half(0x1p-24f);
+  }
 };
 template <>
 struct numeric_limits<bfloat> {
   static constexpr bool is_specialized = true, is_signed = true, is_integer = false;
   static constexpr bool has_infinity = true, has_quiet_NaN = true;
   static constexpr int digits = 8;
-  static constexpr bfloat min() { return bfloat::from_bits(0x0080); }
-  static constexpr bfloat max() { return bfloat::from_bits(0x7f7f); }
-  static constexpr bfloat lowest() { return bfloat::from_bits(0xff7f); }
-  static constexpr bfloat epsilon() { return bfloat::from_bits(0x3c00); }
-  static constexpr bfloat infinity() { return bfloat::from_bits(0x7f80); }
-  static constexpr bfloat quiet_NaN() { return bfloat::from_bits(0x7fc0); }
-  static constexpr bfloat denorm_min() { return bfloat::from_bits(0x0001); }
+  static constexpr bfloat min() {
+    return bfloat::from_bits(0x0080);
+  }
+  static constexpr bfloat max() {
+    return bfloat::from_bits(0x7f7f);
+  }
+  static constexpr bfloat lowest() {
+    return bfloat::from_bits(0xff7f);
+  }
+  static constexpr bfloat epsilon() {
+    return bfloat::from_bits(0x3c00);
+  }
+  static constexpr bfloat infinity() {
+    return bfloat::from_bits(0x7f80);
+  }
+  static constexpr bfloat quiet_NaN() {
+    return bfloat::from_bits(0x7fc0);
+  }
+  static constexpr bfloat denorm_min() {
+    return bfloat::from_bits(0x0001);
+  }
 };
 template <>
 struct numeric_limits<bool> {
   static constexpr bool is_specialized = true, is_signed = false, is_integer = true;
-  static constexpr bool min() { return false; }
-  static constexpr bool max() { return true; }
-  static constexpr bool lowest() { return false; }
+  static constexpr bool min() {
+    return false;
+  }
+  static constexpr bool max() {
+    return true;
+  }
+  static constexpr bool lowest() {
+    return false;
+  }
 };
 
 // Reinterpret the bits of a value as another type of the same size.
@@ -77,15 +131,33 @@ To as_type(const From& from) {
 template <class T, unsigned long N>
 struct array {
   T elems[N];
-  T& operator[](unsigned long i) { return elems[i]; }
-  const T& operator[](unsigned long i) const { return elems[i]; }
-  static constexpr unsigned long size() { return N; }
-  T* data() { return elems; }
-  const T* data() const { return elems; }
-  T* begin() { return elems; }
-  T* end() { return elems + N; }
-  const T* begin() const { return elems; }
-  const T* end() const { return elems + N; }
+  T& operator[](unsigned long i) {
+    return elems[i];
+  }
+  const T& operator[](unsigned long i) const {
+    return elems[i];
+  }
+  static constexpr unsigned long size() {
+    return N;
+  }
+  T* data() {
+    return elems;
+  }
+  const T* data() const {
+    return elems;
+  }
+  T* begin() {
+    return elems;
+  }
+  T* end() {
+    return elems + N;
+  }
+  const T* begin() const {
+    return elems;
+  }
+  const T* end() const {
+    return elems + N;
+  }
 };
 
 template <class T, unsigned long N>

@@ -14,11 +14,14 @@ template <class T>
 const T& slot(const rt::exchange_view& v, uint32_t lane) {
   return *reinterpret_cast<const T*>(v.slots + lane * METALSIM_SLOT_BYTES);
 }
-inline bool has(uint32_t mask, uint32_t lane) { return lane < 32 && (mask >> lane) & 1u; }
+inline bool has(uint32_t mask, uint32_t lane) {
+  return lane < 32 && (mask >> lane) & 1u;
+}
 
 template <class T>
 rt::exchange_view exchange(const T& x, const char* what, const rt::site& s) {
-  static_assert(sizeof(T) <= METALSIM_SLOT_BYTES, "metalsim: value too large for a SIMD-group function");
+  static_assert(sizeof(T) <= METALSIM_SLOT_BYTES,
+                "metalsim: value too large for a SIMD-group function");
   return rt::simd_exchange(&x, sizeof(T), what, s);
 }
 // A value with every bit set: what a lane reads from an inactive lane (NaN for floats), so
@@ -79,33 +82,33 @@ T prefix(const rt::exchange_view& v, F f, T identity, bool inclusive) {
 
 namespace metal {
 
-#define MS_SITE const ::metalsim::rt::site &ms_site = ::metalsim::rt::site::current()
-#define MS_REDUCE(name, expr)                                                          \
-  template <class T>                                                                   \
-  T name(T x, MS_SITE) {                                                               \
-    auto v = ::metalsim::detail::exchange(x, #name, ms_site);                          \
+#define MS_SITE const ::metalsim::rt::site& ms_site = ::metalsim::rt::site::current()
+#define MS_REDUCE(name, expr)                                                             \
+  template <class T>                                                                      \
+  T name(T x, MS_SITE) {                                                                  \
+    auto v = ::metalsim::detail::exchange(x, #name, ms_site);                             \
     return ::metalsim::detail::reduce<T>(v, [](const T& a, const T& b) { return expr; }); \
   }
 MS_REDUCE(simd_sum, a + b)
-MS_REDUCE(simd_product, a * b)
+MS_REDUCE(simd_product, a* b)
 MS_REDUCE(simd_max, ::metal::max(a, b))
 MS_REDUCE(simd_min, ::metal::min(a, b))
-MS_REDUCE(simd_and, a & b)
+MS_REDUCE(simd_and, a& b)
 MS_REDUCE(simd_or, a | b)
 MS_REDUCE(simd_xor, a ^ b)
 #undef MS_REDUCE
 
-#define MS_PREFIX(name, expr, ident, inclusive)                                            \
-  template <class T>                                                                       \
-  T name(T x, MS_SITE) {                                                                   \
-    auto v = ::metalsim::detail::exchange(x, #name, ms_site);                              \
-    return ::metalsim::detail::prefix<T>(                                                  \
-        v, [](const T& a, const T& b) { return expr; }, ident, inclusive);                 \
+#define MS_PREFIX(name, expr, ident, inclusive)                            \
+  template <class T>                                                       \
+  T name(T x, MS_SITE) {                                                   \
+    auto v = ::metalsim::detail::exchange(x, #name, ms_site);              \
+    return ::metalsim::detail::prefix<T>(                                  \
+        v, [](const T& a, const T& b) { return expr; }, ident, inclusive); \
   }
 MS_PREFIX(simd_prefix_exclusive_sum, a + b, T(0), false)
 MS_PREFIX(simd_prefix_inclusive_sum, a + b, T(0), true)
-MS_PREFIX(simd_prefix_exclusive_product, a * b, T(1), false)
-MS_PREFIX(simd_prefix_inclusive_product, a * b, T(1), true)
+MS_PREFIX(simd_prefix_exclusive_product, a* b, T(1), false)
+MS_PREFIX(simd_prefix_inclusive_product, a* b, T(1), true)
 #undef MS_PREFIX
 
 template <class T>
@@ -154,9 +157,15 @@ T simd_broadcast_first(T x, MS_SITE) {
 struct simd_vote {
   typedef ulong vote_t;
   vote_t v;
-  explicit operator vote_t() const { return v; }
-  bool all() const { return v == 0xffffffffu; }
-  bool any() const { return v != 0; }
+  explicit operator vote_t() const {
+    return v;
+  }
+  bool all() const {
+    return v == 0xffffffffu;
+  }
+  bool any() const {
+    return v != 0;
+  }
 };
 inline simd_vote simd_ballot(bool b, MS_SITE) {
   auto v = ::metalsim::detail::exchange(b, "simd_ballot", ms_site);
@@ -195,8 +204,12 @@ enum class mem_flags : uint32_t {
   mem_threadgroup_imageblock = 8,
   mem_object_data = 16,
 };
-constexpr mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(uint32_t(a) | uint32_t(b)); }
-constexpr mem_flags operator&(mem_flags a, mem_flags b) { return mem_flags(uint32_t(a) & uint32_t(b)); }
+constexpr mem_flags operator|(mem_flags a, mem_flags b) {
+  return mem_flags(uint32_t(a) | uint32_t(b));
+}
+constexpr mem_flags operator&(mem_flags a, mem_flags b) {
+  return mem_flags(uint32_t(a) & uint32_t(b));
+}
 inline void threadgroup_barrier(mem_flags, MS_SITE) {
   ::metalsim::rt::threadgroup_barrier("threadgroup_barrier", ms_site);
 }
@@ -211,8 +224,14 @@ enum memory_order {
   memory_order_acq_rel,
   memory_order_seq_cst
 };
-enum class thread_scope { thread_scope_thread, thread_scope_simdgroup, thread_scope_threadgroup, thread_scope_device };
-inline void atomic_thread_fence(mem_flags, memory_order, thread_scope = thread_scope::thread_scope_device) {
+enum class thread_scope {
+  thread_scope_thread,
+  thread_scope_simdgroup,
+  thread_scope_threadgroup,
+  thread_scope_device
+};
+inline void atomic_thread_fence(mem_flags, memory_order,
+                                thread_scope = thread_scope::thread_scope_device) {
   __atomic_thread_fence(__ATOMIC_SEQ_CST);
 }
 
@@ -264,23 +283,23 @@ T atomic_exchange_explicit(volatile atomic<T>* a, U v, memory_order) {
   return r;
 }
 template <class T, class U>
-bool atomic_compare_exchange_weak_explicit(volatile atomic<T>* a, T* expected, U desired, memory_order,
-                                           memory_order) {
+bool atomic_compare_exchange_weak_explicit(volatile atomic<T>* a, T* expected, U desired,
+                                           memory_order, memory_order) {
   T d = T(desired);
   return __atomic_compare_exchange(ms_atomic::raw(a), expected, &d, false, __ATOMIC_SEQ_CST,
                                    __ATOMIC_SEQ_CST);
 }
-#define MS_ATOMIC_RMW(name, expr)                                                 \
-  template <class T, class U>                                                     \
-  T atomic_fetch_##name##_explicit(volatile atomic<T>* a, U v, memory_order) {    \
-    T operand = T(v);                                                             \
-    return ms_atomic::update(a, [operand](T old) -> T { return T(expr); });       \
+#define MS_ATOMIC_RMW(name, expr)                                              \
+  template <class T, class U>                                                  \
+  T atomic_fetch_##name##_explicit(volatile atomic<T>* a, U v, memory_order) { \
+    T operand = T(v);                                                          \
+    return ms_atomic::update(a, [operand](T old) -> T { return T(expr); });    \
   }
 MS_ATOMIC_RMW(add, old + operand)
 MS_ATOMIC_RMW(sub, old - operand)
 MS_ATOMIC_RMW(max, old > operand ? old : operand)
 MS_ATOMIC_RMW(min, old < operand ? old : operand)
-MS_ATOMIC_RMW(and, old & operand)
+MS_ATOMIC_RMW(and, old& operand)
 MS_ATOMIC_RMW(or, old | operand)
 MS_ATOMIC_RMW(xor, old ^ operand)
 #undef MS_ATOMIC_RMW

@@ -75,27 +75,21 @@ struct vec_ops<vec<T, N>> {
   static constexpr bool integral = std::is_integral_v<T>;
   static constexpr bool integer = is_int_v<T>;
 
-#define MS_VEC_BINARY(op, cond)                                                          \
-  friend V operator op(const V& a, const V& b)                                          \
-    requires(cond)                                                                       \
-  {                                                                                      \
-    V r;                                                                                 \
-    for (int i = 0; i < N; ++i) r.d[i] = T(a.d[i] op b.d[i]);                            \
-    return r;                                                                            \
-  }                                                                                      \
-  friend V operator op(const V& a, T b)                                                  \
-    requires(cond)                                                                       \
-  {                                                                                      \
-    V r;                                                                                 \
-    for (int i = 0; i < N; ++i) r.d[i] = T(a.d[i] op b);                                 \
-    return r;                                                                            \
-  }                                                                                      \
-  friend V operator op(T a, const V& b)                                                  \
-    requires(cond)                                                                       \
-  {                                                                                      \
-    V r;                                                                                 \
-    for (int i = 0; i < N; ++i) r.d[i] = T(a op b.d[i]);                                 \
-    return r;                                                                            \
+#define MS_VEC_BINARY(op, cond)                                 \
+  friend V operator op(const V& a, const V& b) requires(cond) { \
+    V r;                                                        \
+    for (int i = 0; i < N; ++i) r.d[i] = T(a.d[i] op b.d[i]);   \
+    return r;                                                   \
+  }                                                             \
+  friend V operator op(const V& a, T b) requires(cond) {        \
+    V r;                                                        \
+    for (int i = 0; i < N; ++i) r.d[i] = T(a.d[i] op b);        \
+    return r;                                                   \
+  }                                                             \
+  friend V operator op(T a, const V& b) requires(cond) {        \
+    V r;                                                        \
+    for (int i = 0; i < N; ++i) r.d[i] = T(a op b.d[i]);        \
+    return r;                                                   \
   }
   MS_VEC_BINARY(+, arith)
   MS_VEC_BINARY(-, arith)
@@ -109,21 +103,21 @@ struct vec_ops<vec<T, N>> {
   MS_VEC_BINARY(>>, integer)
 #undef MS_VEC_BINARY
 
-#define MS_VEC_COMPARE(op)                                                   \
-  friend B operator op(const V& a, const V& b) {                            \
-    B r;                                                                     \
-    for (int i = 0; i < N; ++i) r.d[i] = a.d[i] op b.d[i];                   \
-    return r;                                                                \
-  }                                                                          \
-  friend B operator op(const V& a, T b) {                                    \
-    B r;                                                                     \
-    for (int i = 0; i < N; ++i) r.d[i] = a.d[i] op b;                        \
-    return r;                                                                \
-  }                                                                          \
-  friend B operator op(T a, const V& b) {                                    \
-    B r;                                                                     \
-    for (int i = 0; i < N; ++i) r.d[i] = a op b.d[i];                        \
-    return r;                                                                \
+#define MS_VEC_COMPARE(op)                                 \
+  friend B operator op(const V& a, const V& b) {           \
+    B r;                                                   \
+    for (int i = 0; i < N; ++i) r.d[i] = a.d[i] op b.d[i]; \
+    return r;                                              \
+  }                                                        \
+  friend B operator op(const V& a, T b) {                  \
+    B r;                                                   \
+    for (int i = 0; i < N; ++i) r.d[i] = a.d[i] op b;      \
+    return r;                                              \
+  }                                                        \
+  friend B operator op(T a, const V& b) {                  \
+    B r;                                                   \
+    for (int i = 0; i < N; ++i) r.d[i] = a op b.d[i];      \
+    return r;                                              \
   }
   MS_VEC_COMPARE(==)
   MS_VEC_COMPARE(!=)
@@ -135,21 +129,15 @@ struct vec_ops<vec<T, N>> {
   MS_VEC_COMPARE(||)
 #undef MS_VEC_COMPARE
 
-  friend V operator-(const V& a)
-    requires arith
-  {
+  friend V operator-(const V& a) requires arith {
     V r;
     for (int i = 0; i < N; ++i) r.d[i] = T(-a.d[i]);
     return r;
   }
-  friend V operator+(const V& a)
-    requires arith
-  {
+  friend V operator+(const V& a) requires arith {
     return a;
   }
-  friend V operator~(const V& a)
-    requires integral
-  {
+  friend V operator~(const V& a) requires integral {
     V r;
     for (int i = 0; i < N; ++i) r.d[i] = T(~a.d[i]);
     return r;
@@ -168,22 +156,27 @@ struct swz {
   using V = vec<T, M>;
   T d[N == 3 ? 4 : N];
 
-  operator V() const { return V(d[I]...); }
+  operator V() const {
+    return V(d[I]...);
+  }
   T operator[](int i) const {
     constexpr int idx[] = {I...};
     return d[idx[i]];
   }
   swz& operator=(const V& v) {
-    static_assert(distinct<I...>(), "metalsim: cannot assign to a swizzle that repeats a component");
+    static_assert(distinct<I...>(),
+                  "metalsim: cannot assign to a swizzle that repeats a component");
     int k = 0;
     ((d[I] = v.d[k++]), ...);
     return *this;
   }
-  swz& operator=(const swz& o) { return *this = V(o); }
-#define MS_SWZ_COMPOUND(op)                                  \
-  template <class U>                                         \
-  swz& operator op##=(const U & u) {                         \
-    return *this = V(V(*this) op u);                         \
+  swz& operator=(const swz& o) {
+    return *this = V(o);
+  }
+#define MS_SWZ_COMPOUND(op)          \
+  template <class U>                 \
+  swz& operator op##=(const U& u) {  \
+    return *this = V(V(*this) op u); \
   }
   MS_SWZ_COMPOUND(+)
   MS_SWZ_COMPOUND(-)
@@ -249,32 +242,34 @@ struct alignas(sizeof(T) * (N == 3 ? 4 : N)) vec : vec_storage<T, N>, vec_ops<ve
   }
   // A scalar fills every component (MSL allows `float4 v = 0.0f;`).
   template <class U>
-    requires is_scalar_v<U>
-  vec(U s) {
+  requires is_scalar_v<U> vec(U s) {
     for (int i = 0; i < N; ++i) d[i] = T(s);
   }
   // float4(half4), float2(v.xy): element-wise conversion, explicit as in MSL.
   template <class X>
-    requires(is_vec_v<X> && width_v<X> == N && !std::is_same_v<std::remove_cvref_t<X>, vec>)
-  explicit vec(const X& o) {
+  requires(is_vec_v<X>&& width_v<X> == N &&
+           !std::is_same_v<std::remove_cvref_t<X>, vec>) explicit vec(const X& o) {
     norm_t<X> v = o;
     for (int i = 0; i < N; ++i) d[i] = T(v.d[i]);
   }
   // float4(a, b, c, d), float4(v.xy, 0, 1), float3(v2, z), ...
   template <class... A>
-    requires(sizeof...(A) >= 2 && (width_v<A> + ...) == N)
-  vec(const A&... a) {
+  requires(sizeof...(A) >= 2 && (width_v<A> + ...) == N) vec(const A&... a) {
     int k = 0;
     (put(k, a), ...);
   }
 
-  T& operator[](int i) { return d[i]; }
-  const T& operator[](int i) const { return d[i]; }
+  T& operator[](int i) {
+    return d[i];
+  }
+  const T& operator[](int i) const {
+    return d[i];
+  }
 
-#define MS_VEC_COMPOUND(op)               \
-  template <class U>                      \
-  vec& operator op##=(const U & u) {      \
-    return *this = vec(*this op u);       \
+#define MS_VEC_COMPOUND(op)         \
+  template <class U>                \
+  vec& operator op##=(const U& u) { \
+    return *this = vec(*this op u); \
   }
   MS_VEC_COMPOUND(+)
   MS_VEC_COMPOUND(-)
@@ -309,15 +304,19 @@ struct packed_vec {
     for (int i = 0; i < N; ++i) d[i] = v.d[i];
   }
   template <class... A>
-    requires(sizeof...(A) >= 2 && (width_v<A> + ...) == N)
-  packed_vec(const A&... a) : packed_vec(vec<T, N>(a...)) {}
+  requires(sizeof...(A) >= 2 && (width_v<A> + ...) == N) packed_vec(const A&... a)
+      : packed_vec(vec<T, N>(a...)) {}
   operator vec<T, N>() const {
     vec<T, N> r;
     for (int i = 0; i < N; ++i) r.d[i] = d[i];
     return r;
   }
-  T& operator[](int i) { return d[i]; }
-  const T& operator[](int i) const { return d[i]; }
+  T& operator[](int i) {
+    return d[i];
+  }
+  const T& operator[](int i) const {
+    return d[i];
+  }
   template <class U>
   packed_vec& operator+=(const U& u) {
     return *this = vec<T, N>(vec<T, N>(*this) + u);
@@ -337,16 +336,15 @@ struct is_proxy<packed_vec<T, N>> : std::true_type {};
 template <class X>
 inline constexpr bool is_proxy_v = is_proxy<std::remove_cvref_t<X>>::value;
 
-#define MS_PROXY_BINARY(op)                                                   \
-  template <class S, class U>                                                 \
-    requires is_proxy_v<S>                                                    \
-  auto operator op(const S& a, const U& b) {                                  \
-    return norm_t<S>(a) op b;                                                 \
-  }                                                                           \
-  template <class U, class S>                                                 \
-    requires(is_proxy_v<S> && !is_proxy_v<U>)                                 \
-  auto operator op(const U& a, const S& b) {                                  \
-    return a op norm_t<S>(b);                                                 \
+#define MS_PROXY_BINARY(op)                                                            \
+  template <class S, class U>                                                          \
+  requires is_proxy_v<S>                                                               \
+  auto operator op(const S& a, const U& b) {                                           \
+    return norm_t<S>(a) op b;                                                          \
+  }                                                                                    \
+  template <class U, class S>                                                          \
+  requires(is_proxy_v<S> && !is_proxy_v<U>) auto operator op(const U& a, const S& b) { \
+    return a op norm_t<S>(b);                                                          \
   }
 MS_PROXY_BINARY(+)
 MS_PROXY_BINARY(-)
@@ -366,7 +364,7 @@ MS_PROXY_BINARY(<=)
 MS_PROXY_BINARY(>=)
 #undef MS_PROXY_BINARY
 template <class S>
-  requires is_proxy_v<S>
+requires is_proxy_v<S>
 auto operator-(const S& a) {
   return -norm_t<S>(a);
 }
@@ -376,12 +374,12 @@ auto operator-(const S& a) {
 template <class T, int N>
 using vec = metalsim::vec<T, N>;
 
-#define MS_VEC_NAMES(T, name)                           \
-  typedef metalsim::vec<T, 2> name##2;                  \
-  typedef metalsim::vec<T, 3> name##3;                  \
-  typedef metalsim::vec<T, 4> name##4;                  \
-  typedef metalsim::packed_vec<T, 2> packed_##name##2;  \
-  typedef metalsim::packed_vec<T, 3> packed_##name##3;  \
+#define MS_VEC_NAMES(T, name)                          \
+  typedef metalsim::vec<T, 2> name##2;                 \
+  typedef metalsim::vec<T, 3> name##3;                 \
+  typedef metalsim::vec<T, 4> name##4;                 \
+  typedef metalsim::packed_vec<T, 2> packed_##name##2; \
+  typedef metalsim::packed_vec<T, 3> packed_##name##3; \
   typedef metalsim::packed_vec<T, 4> packed_##name##4;
 MS_VEC_NAMES(float, float)
 MS_VEC_NAMES(half, half)

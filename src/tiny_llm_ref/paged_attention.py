@@ -1,0 +1,231 @@
+"""Week 3 Day 2: attention over a paged KV pool, first in pure MLX, then as a kernel.
+
+Layouts (one layer's pool, shared by every sequence):
+- key_cache, value_cache: [num_blocks, block_size, H_kv, D]; token t of a sequence lives in
+  block `table[t // block_size]`, row `t % block_size`, i.e. flat slot `block * block_size + row`;
+- block_tables: [B, max_blocks] int32, each row a sequence's blocks in logical order, padded with -1;
+- context_lens: [B] int32, tokens stored per sequence; query: [B, H_q, D] (one new token each);
+- slot_mapping: [T] int32, where `reshape_and_cache` writes token t (< 0: skip, e.g. padding).
+
+Index arguments given as host data (Python lists, NumPy arrays) are checked value by value
+here. Given as `mx.array`s they are not read: reading an array on the host waits for the device,
+and the paged cache calls these functions in every layer of every step, with tables it built and
+checked once per step. Unchecked arrays still cannot make these functions touch memory outside
+the pool: block ids are clipped into range before gathering, and slots outside it are skipped.
+
+Chapter: book/src/week3-02-paged-attention.md.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from .attention import scaled_dot_product_attention_grouped
+
+FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+# -- argument checks (provided) ----------------------------------------------------------------
+def _check_pool(key_cache, value_cache) -> tuple[int, int, int, int]:
+    for name, a in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if not isinstance(a, mx.array):
+            raise TypeError(f"{name} must be an mx.array, got {type(a).__name__}")
+        if a.ndim != 4:
+            raise ValueError(f"{name} must be [num_blocks, block_size, H_kv, D], got {a.shape}")
+        if a.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {a.dtype}")
+    if key_cache.shape != value_cache.shape or key_cache.dtype != value_cache.dtype:
+        raise ValueError(
+            f"key_cache {key_cache.shape} {key_cache.dtype} and value_cache "
+            f"{value_cache.shape} {value_cache.dtype} must match"
+        )
+    return key_cache.shape
+
+
+def _index_array(name: str, x, ndim: int) -> tuple[mx.array, np.ndarray | None]:
+    """(int32 mx.array, its values on the host or None). Host data is converted and returned
+    for checking; an mx.array is taken as is and not read (see the module docstring)."""
+    if isinstance(x, mx.array):
+        if x.dtype != mx.int32:
+            raise TypeError(f"{name} must be int32, got {x.dtype}")
+        host = None
+    else:
+        host = np.asarray(x)
+        if host.size and not np.issubdtype(host.dtype, np.integer):
+            raise TypeError(f"{name} must hold integers, got {host.dtype}")
+        host = host.astype(np.int64)
+        x = mx.array(host.astype(np.int32))
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {x.shape}")
+    return x, host
+
+
+def _check_tables(tables: np.ndarray, lens: np.ndarray, num_blocks: int, block_size: int):
+    """Host-side value checks: every context fits its table and uses only real block ids."""
+    capacity = tables.shape[1] * block_size
+    for b, (row, n) in enumerate(zip(tables, lens, strict=True)):
+        if not 1 <= n <= capacity:
+            raise ValueError(
+                f"context_lens[{b}] = {n}: must be in [1, {capacity}] (max_blocks * block_size)"
+            )
+        used = row[: -(-int(n) // block_size)]
+        if used.min() < 0 or used.max() >= num_blocks or len(set(used.tolist())) < len(used):
+            raise ValueError(
+                f"block_tables[{b}] {used.tolist()} for {n} tokens: needs distinct block ids "
+                f"in [0, {num_blocks})"
+            )
+        rest = row[len(used) :]
+        if ((rest < -1) | (rest >= num_blocks)).any():
+            raise ValueError(f"block_tables[{b}] pads with {rest.tolist()}: use -1 (or real ids)")
+
+
+# -- task 1: gather a sequence's blocks --------------------------------------------------------
+def gather_kv_batch(
+    key_cache: mx.array, value_cache: mx.array, block_tables: mx.array
+) -> tuple[mx.array, mx.array]:
+    """Every sequence's blocks, in logical order, as contiguous keys and values.
+
+    block_tables [B, max_blocks] -> (k, v), each [B, H_kv, max_blocks * block_size, D]. Slot s
+    of row b holds that sequence's token s; slots past its context (and all of a -1 entry's
+    block) hold whatever the pool has there: the caller masks them.
+    """
+    num_blocks, block_size, h_kv, d = _check_pool(key_cache, value_cache)
+    tables, _ = _index_array("block_tables", block_tables, 2)
+    batch, width = tables.shape
+    ids = mx.clip(tables, 0, num_blocks - 1)  # -1 padding (and any bad id) reads a real block
+
+    def gather(cache):  # [B, max_blocks, block_size, H, D] -> [B, H, S, D]
+        blocks = cache[ids].reshape(batch, width * block_size, h_kv, d)
+        return blocks.transpose(0, 2, 1, 3)
+
+    return gather(key_cache), gather(value_cache)
+
+
+def gather_kv(
+    key_cache: mx.array, value_cache: mx.array, block_table_row, length: int
+) -> tuple[mx.array, mx.array]:
+    """One sequence's first `length` keys and values, [H_kv, length, D] each."""
+    _, block_size, _, _ = _check_pool(key_cache, value_cache)
+    row, host = _index_array("block_table_row", block_table_row, 1)
+    if isinstance(length, bool) or not isinstance(length, int | np.integer):
+        raise TypeError(f"length must be an int, got {type(length).__name__}")
+    if not 0 <= length <= row.shape[0] * block_size:
+        raise ValueError(
+            f"length {length} must be in [0, {row.shape[0] * block_size}] (table of "
+            f"{row.shape[0]} blocks of {block_size})"
+        )
+    if host is not None and length:
+        _check_tables(host[None], np.array([length]), key_cache.shape[0], block_size)
+    k, v = gather_kv_batch(key_cache, value_cache, row[None])
+    return k[0, :, :length], v[0, :, :length]
+
+
+# -- task 2: decode attention through the block tables -----------------------------------------
+def paged_attention_mlx(
+    query: mx.array,
+    key_cache: mx.array,
+    value_cache: mx.array,
+    block_tables,
+    context_lens,
+    scale: float,
+) -> mx.array:
+    """Attention of each sequence's one new query over its `context_lens[b]` stored tokens.
+
+    query [B, H_q, D] -> [B, H_q, D]. Query head h reads KV head h // (H_q / H_kv). A sequence
+    with an empty context (only possible through an unchecked mx.array) gets zeros.
+    """
+    num_blocks, block_size, h_kv, d = _check_pool(key_cache, value_cache)
+    if not isinstance(query, mx.array):
+        raise TypeError(f"query must be an mx.array, got {type(query).__name__}")
+    if query.ndim != 3:
+        raise ValueError(f"query must be [B, H_q, D] (one token per sequence), got {query.shape}")
+    if query.dtype != key_cache.dtype:
+        raise TypeError(f"query is {query.dtype}, the cache {key_cache.dtype}: they must match")
+    batch, h_q, _ = query.shape
+    if query.shape[2] != d or h_q % h_kv:
+        raise ValueError(
+            f"query {query.shape} does not fit the cache's H_kv={h_kv}, D={d} "
+            "(H_q must be a multiple of H_kv)"
+        )
+    tables, host_tables = _index_array("block_tables", block_tables, 2)
+    lens, host_lens = _index_array("context_lens", context_lens, 1)
+    if tables.shape[0] != batch or lens.shape[0] != batch:
+        raise ValueError(
+            f"batch of {batch} queries, block_tables {tables.shape}, context_lens {lens.shape}"
+        )
+    if host_tables is not None or host_lens is not None:  # host data: check the values
+        host_tables = np.array(tables) if host_tables is None else host_tables
+        host_lens = np.array(lens) if host_lens is None else host_lens
+        _check_tables(host_tables, host_lens, num_blocks, block_size)
+
+    k, v = gather_kv_batch(key_cache, value_cache, tables)  # [B, H_kv, S, D]
+    visible = mx.arange(k.shape[2])[None, :] < lens[:, None]  # [B, S]
+    zero, neg = mx.array(0, dtype=query.dtype), mx.array(-mx.inf, dtype=query.dtype)
+    mask = mx.where(visible, zero, neg)[:, None, None, :]  # [B, 1, 1, S]
+    out = scaled_dot_product_attention_grouped(query[:, :, None, :], k, v, scale, mask)
+    # An empty context softmaxes -inf everywhere into NaN: answer zeros instead.
+    return mx.where((lens > 0)[:, None, None], out[:, :, 0, :], zero)
+
+
+# -- task 3: write new tokens into their slots -------------------------------------------------
+def reshape_and_cache_mlx(
+    key: mx.array,
+    value: mx.array,
+    key_cache: mx.array,
+    value_cache: mx.array,
+    slot_mapping,
+) -> tuple[mx.array, mx.array]:
+    """Caches with token t's key and value ([T, H_kv, D]) written to slot `slot_mapping[t]`.
+
+    MLX arrays are immutable: this returns the new caches (rebind: `kc, vc = ...(kc, vc)`). When
+    the caller holds no other reference to the old ones, MLX writes in place instead of copying.
+    """
+    num_blocks, block_size, h_kv, d = _check_pool(key_cache, value_cache)
+    for name, a in (("key", key), ("value", value)):
+        if not isinstance(a, mx.array) or a.ndim != 3 or a.shape[1:] != (h_kv, d):
+            raise ValueError(
+                f"{name} must be an mx.array [T, {h_kv}, {d}] to fit the cache, "
+                f"got {getattr(a, 'shape', type(a).__name__)}"
+            )
+        if a.dtype != key_cache.dtype:
+            raise TypeError(f"{name} is {a.dtype}, the cache {key_cache.dtype}: they must match")
+    slots, host = _index_array("slot_mapping", slot_mapping, 1)
+    if key.shape[0] != value.shape[0] or slots.shape[0] != key.shape[0]:
+        raise ValueError(
+            f"key {key.shape}, value {value.shape} and slot_mapping {slots.shape} "
+            "must have the same number of tokens"
+        )
+    n_slots = num_blocks * block_size
+    if host is not None:
+        if host.size and host.max() >= n_slots:
+            raise ValueError(f"slot {host.max()} is outside the pool's {n_slots} slots")
+        written = host[host >= 0]
+        if len(np.unique(written)) < len(written):
+            raise ValueError(f"slot_mapping writes one slot twice: {host.tolist()}")
+    if key.shape[0] == 0:
+        return key_cache, value_cache
+
+    valid = (slots >= 0) & (slots < n_slots)
+    # MLX's scatter has no "skip" index (and wraps -1 to the last slot). A skipped token writes
+    # instead exactly what the first valid token writes, to the same slot: equal duplicate
+    # writes give the same result in any order. With no valid token at all it rewrites slot 0
+    # with its own contents.
+    first = mx.argmax(valid.astype(mx.int32))
+    has_valid = valid[first]
+    target = mx.where(valid, slots, mx.where(has_valid, slots[first], 0))
+
+    def write(cache, x):
+        flat = cache.reshape(n_slots, h_kv, d)
+        filler = mx.where(has_valid, x[first], flat[0])
+        flat[target] = mx.where(valid[:, None, None], x, filler)
+        return flat.reshape(cache.shape)
+
+    return write(key_cache, key), write(value_cache, value)
+
+
+# -- the kernels (Week 3 Day 2, kernel tasks) --------------------------------------------------
+# The paged cache (paged_kv_cache.py) calls these two names in every layer. Until the extension
+# provides them they are the pure-MLX versions above; the kernel wrappers replace these lines.
+paged_attention = paged_attention_mlx  # replaced by the kernel wrapper
+reshape_and_cache = reshape_and_cache_mlx  # replaced by the kernel wrapper
