@@ -9,10 +9,11 @@ alternate for --rounds rounds so that a busy machine slows both alike; the ratio
 of the rounds' ratios.
 
 --float32 casts the float16 quantization scales and biases (and any float16 tensor) to float32
-for both models: exact (every float16 is a float32), and on a CPU it changes the speed a lot.
+for both models: exact, as every float16 is a float32. --dequantize unpacks every 4/8-bit matrix
+into a dense float32 one for both: the matmuls then run in the BLAS.
 
 Ends with one JSON line (ours_tok_s, mlx_lm_tok_s, ratio = ours / mlx-lm, ...).
-Run: pdm run bench-decode [--model smollm2] [--max-tokens 24] [--rounds 5] [--float32]
+Run: pdm run bench-decode [--model smollm2] [--max-tokens 24] [--rounds 5] [--float32 | --dequantize]
 On Linux, preload OpenBLAS for float32 matmuls: LD_PRELOAD=/usr/lib/x86_64-linux-gnu/
 openblas-pthread/libopenblas.so.0 pdm run bench-decode (see book/src/week2-07-benchmarks.md).
 """
@@ -102,6 +103,57 @@ def to_float32(weights: dict) -> dict:
     return out
 
 
+def dequantized(weights: dict) -> dict:
+    """Every quantized matrix unpacked to a dense float32 one: the matmuls go to the BLAS."""
+    out = {}
+    for name, v in weights.items():
+        if isinstance(v, QuantizedWeights):
+            v = mx.dequantize(v.weight, v.scales, v.biases, group_size=v.group_size, bits=v.bits)
+        out[name] = v.astype(mx.float32)
+    mx.eval(list(out.values()))
+    return out
+
+
+def profile_step(model, context: int, reps: int = 5) -> dict:
+    """Milliseconds of one decode step and of its parts at about `context` cached tokens, each
+    evaluated on its own (best of `reps`): where the reference's decode time goes."""
+    from tiny_llm_ref.basics import linear
+    from tiny_llm_ref.kv_cache import KVCache, make_cache
+
+    def best(fn) -> float:
+        mx.eval(fn())
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            mx.eval(fn())
+            times.append(time.perf_counter() - start)
+        return min(times) * 1e3
+
+    hidden = model.args.hidden_size
+    layer = model.layers[0]
+    x = mx.random.normal((1, 1, hidden))
+    # Layer 0's attention on its own cache, filled with `context` random tokens; every timed
+    # call appends one more, as a decode step does.
+    attn_cache = KVCache()
+    mx.eval(layer.self_attn(mx.random.normal((1, context, hidden)), attn_cache))
+    cache = make_cache(model)
+    mx.eval(model(mx.zeros((1, context), dtype=mx.int32), cache))
+    token = mx.array([[1]], dtype=mx.int32)
+    parts = {
+        "attention block, one layer": best(
+            lambda: layer.self_attn(layer.input_layernorm(x), attn_cache)
+        ),
+        "MLP block, one layer": best(lambda: layer.mlp(layer.post_attention_layernorm(x))),
+        "output head (norm + lm_head)": best(lambda: linear(model.norm(x), model.lm_head)),
+        "whole decode step": best(lambda: model(token, cache)),
+    }
+    per_layer = parts["attention block, one layer"] + parts["MLP block, one layer"]
+    parts["sum: layers x blocks + head"] = (
+        len(model.layers) * per_layer + parts["output head (norm + lm_head)"]
+    )
+    return {k: round(v, 2) for k, v in parts.items()}
+
+
 def time_ours(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
     stamps: list[float] = []
     out = generate_with_cache(
@@ -126,6 +178,12 @@ def main(argv=None) -> dict:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--float32", action="store_true", help="float16 scales/tensors -> float32")
+    p.add_argument(
+        "--dequantize", action="store_true", help="dense float32 weights for both (BLAS matmuls)"
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="also time the parts of one decode step of ours"
+    )
     args = p.parse_args(argv)
     if args.max_tokens < 2 or args.rounds < 1:
         p.error("--max-tokens must be >= 2 and --rounds >= 1")
@@ -139,12 +197,16 @@ def main(argv=None) -> dict:
             "then LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0)"
         )
     loaded = load_model(args.model)
-    weights = to_float32(loaded.weights) if args.float32 else loaded.weights
+    weights = loaded.weights
+    if args.dequantize:
+        weights = dequantized(weights)
+    elif args.float32:
+        weights = to_float32(weights)
     tok = loaded.tokenizer
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": QUESTION}]))
     ours = Model(loaded.args, weights)
     theirs = build_mlx_lm_model(loaded.args, weights)
-    dtype = "float32" if args.float32 else "as loaded"
+    dtype = "dense float32" if args.dequantize else "float32" if args.float32 else "as loaded"
     print(f"prompt {len(prompt)} tokens, {args.max_tokens} new tokens, weights {dtype}")
 
     ours_tps, theirs_tps, same = [], [], True
@@ -189,6 +251,12 @@ def main(argv=None) -> dict:
         "mlx_lm_all": [round(x, 3) for x in theirs_tps],
         "same_tokens": same,
     }
+    if args.profile:
+        parts = profile_step(ours, len(prompt))
+        print(f"\none decode step of ours at a context of ~{len(prompt)} tokens (ms):")
+        for name, ms in parts.items():
+            print(f"  {name:32s} {ms:9.2f}")
+        result["profile_ms"] = parts
     print(json.dumps(result))
     return result
 

@@ -100,6 +100,19 @@ def test_greedy_128_tokens_match_mlx_lm(checkpoint):
     assert out == expected, f"paged greedy differs from mlx-lm from token {first_bad} on"
 
 
+def test_generate_with_cache_paged_matches_mlx_lm(checkpoint):
+    """Task 3: `generate_with_cache(..., cache_kind="paged")` (Week 2's loop on this cache)."""
+    decode = importlib.import_module(f"{solution_name()}.decode")
+    args, model, oracle = checkpoint
+    expected = oracle_tokens(oracle, PROMPT, 40)
+    streamed = []
+    out = decode.generate_with_cache(
+        model, None, PROMPT, 40, cache_kind="paged", on_token=streamed.append
+    )
+    assert out == expected, f"paged generate_with_cache {out} != mlx-lm's {expected}"
+    assert streamed == expected, "on_token must see each returned token once, in order"
+
+
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 def test_prefill_chunks_and_decode_logits_match_mlx_lm(checkpoint, block_size):
     """5 + 4 prompt tokens (the second chunk attends to cached and new tokens), then decode."""

@@ -72,6 +72,13 @@ nb::list plan_to_list(const std::vector<tiny_llm::Command>& commands) {
 
 } // namespace
 
+namespace tiny_llm { // decode_attention_bindings.cpp
+void register_decode_attention(
+    nb::module_& m, nb::list (*plan_to_list)(const std::vector<Command>&));
+void register_paged_attention( // paged_attention_bindings.cpp
+    nb::module_& m, nb::list (*plan_to_list)(const std::vector<Command>&));
+} // namespace tiny_llm
+
 NB_MODULE(_ext, m) {
   m.doc() = "tiny-llm-paged's MLX C++/Metal extension";
 
@@ -115,4 +122,7 @@ NB_MODULE(_ext, m) {
       "A deliberately wrong swiglu that computes inside eval_cpu (float32, "
       "CPU, one shape): it reads its inputs before they are computed. For the "
       "book's Week 2 Day 4 chapter and the course tests only.");
+
+  tiny_llm::register_decode_attention(m, plan_to_list);
+  tiny_llm::register_paged_attention(m, plan_to_list);
 }

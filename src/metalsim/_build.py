@@ -225,33 +225,24 @@ def ensure_support(tc: Toolchain) -> Path:
     with _locked(root / f"{key}.lock"):
         if (final / "ok").is_file():
             return final
+        # Built in place (clang's precompiled header remembers its own path); the "ok" file,
+        # written last, marks a complete build.
         start = time.perf_counter()
-        tmp = root / f"{key}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / "metalsim_pch.h").write_text(PCH_HEADER)
-        pch_out = tmp / ("metalsim_pch.h.pch" if tc.is_clang else "metalsim_pch.h.gch")
+        shutil.rmtree(final, ignore_errors=True)
+        final.mkdir(parents=True)
+        header = final / "metalsim_pch.h"
+        header.write_text(PCH_HEADER)
+        pch = final / ("metalsim_pch.h.pch" if tc.is_clang else "metalsim_pch.h.gch")
         jobs = [
             (
-                [
-                    *tc.kernel_flags(),
-                    "-x",
-                    "c++-header",
-                    str(tmp / "metalsim_pch.h"),
-                    "-o",
-                    str(pch_out),
-                ],
+                [*tc.kernel_flags(), "-x", "c++-header", str(header), "-o", str(pch)],
                 "precompiling the shim headers",
             )
         ]
         for src in RUNTIME_SOURCES:
-            obj = tmp / (Path(src).stem + ".o")
-            jobs.append(
-                (
-                    [*tc.runtime_flags(), "-c", str(RUNTIME_DIR / src), "-o", str(obj)],
-                    f"compiling {src}",
-                )
-            )
+            obj = final / (Path(src).stem + ".o")
+            cmd = [*tc.runtime_flags(), "-c", str(RUNTIME_DIR / src), "-o", str(obj)]
+            jobs.append((cmd, f"compiling {src}"))
         procs = [
             (subprocess.Popen([tc.cxx, *cmd], stderr=subprocess.PIPE, text=True), what)
             for cmd, what in jobs
@@ -262,11 +253,9 @@ def ensure_support(tc: Toolchain) -> Path:
             if proc.returncode != 0:
                 errors.append(_compiler_message(what, "metalsim", err))
         if errors:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
             raise MetalSimCompileError("\n".join(errors))
-        (tmp / "ok").write_text("")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        (final / "ok").write_text("")
         _write_stat("support_s", time.perf_counter() - start)
     return final
 

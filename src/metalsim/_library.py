@@ -271,6 +271,11 @@ class Library:
                 keep.append(value)
             elif isinstance(value, bytes | bytearray | np.generic):
                 raw = value.tobytes() if isinstance(value, np.generic) else bytes(value)
+                if len(raw) > 4096:
+                    raise MetalSimArgumentError(
+                        f"{p.describe()}: {len(raw)} bytes of set_bytes data; Metal allows 4 KiB "
+                        "(bind a NumPy array instead, as a buffer)"
+                    )
                 buf = C.create_string_buffer(raw, len(raw))
                 data, nbytes = C.addressof(buf), len(raw)
                 flags |= _abi.BIND_BYTES

@@ -67,15 +67,23 @@ _UNSUPPORTED = {
     "vertex": "only compute kernels run in metalsim",
     "fragment": "only compute kernels run in metalsim",
 }
-_UNSUPPORTED_PREFIXES = {
-    "simdgroup_float": "simdgroup_matrix is not emulated (its lane layout is hardware-defined)",
-    "simdgroup_half": "simdgroup_matrix is not emulated (its lane layout is hardware-defined)",
-    "simdgroup_bfloat": "simdgroup_matrix is not emulated (its lane layout is hardware-defined)",
-    "texture": "textures and samplers are not emulated",
-    "depth2d": "textures and samplers are not emulated",
-    "depthcube": "textures and samplers are not emulated",
-    "quad_": "quad-group functions are not emulated",
-}
+_UNSUPPORTED_PATTERNS = [
+    (
+        re.compile(r"simdgroup_(float|half|bfloat)\d+x\d+"),
+        "simdgroup_matrix is not emulated (its lane layout is hardware-defined)",
+    ),
+    (
+        re.compile(r"(texture(1d|2d|3d|cube|_buffer)\w*|depth(2d|cube)\w*)"),
+        "textures and samplers are not emulated",
+    ),
+    (
+        re.compile(
+            r"quad_(sum|product|min|max|and|or|xor|shuffle\w*|broadcast\w*|ballot|all|any"
+            r"|prefix_\w+|is_first|active_threads_mask)"
+        ),
+        "quad-group functions are not emulated",
+    ),
+]
 _UNSUPPORTED_ATTRIBUTES = {
     "function_constant": "function constants are not supported: use #define and "
     "metalsim.compile(path, defines={...})",
@@ -349,10 +357,9 @@ class _Parser:
                 continue
             reason = _UNSUPPORTED.get(t.text)
             if reason is None:
-                for prefix, why in _UNSUPPORTED_PREFIXES.items():
-                    if t.text.startswith(prefix):
-                        reason = why
-                        break
+                reason = next(
+                    (why for rx, why in _UNSUPPORTED_PATTERNS if rx.fullmatch(t.text)), None
+                )
             if reason is not None:
                 raise _error(t, f"`{t.text}` is not supported by metalsim: {reason}.")
 

@@ -178,7 +178,8 @@ class BlockManager:
         """Physical slot `block * block_size + offset` of each token position (< seq_len)."""
         self._known(seq_id)
         # TODO(Week 3 Day 1, task 5): for each position p (an int, 0 <= p < seq_len, else
-        # TypeError / ValueError): table[p // block_size] * block_size + p % block_size.
+        # TypeError / ValueError: `_count("position", p)` checks the type and the sign):
+        # table[p // block_size] * block_size + p % block_size.
         raise NotImplementedError(
             "Week 3 Day 1, task 5: implement `slot_mapping` in src/tiny_llm/block_manager.py"
         )

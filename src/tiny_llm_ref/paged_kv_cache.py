@@ -49,7 +49,12 @@ class PagedStep:
 
 
 class PagedKVCache:
-    """A block pool for all layers of one model, and the block tables of its sequences."""
+    """A block pool for all layers of one model, and the block tables of its sequences.
+
+    `manager` is the pool's BlockManager (Day 1); a scheduler may fork sequences through it
+    (their shared blocks are copied on write by `begin_step`). `keys[layer]`, `values[layer]`
+    are the layers' caches, [num_blocks, block_size, H_kv, D].
+    """
 
     def __init__(self, model_or_args, num_blocks: int, block_size: int = 16, dtype=mx.float32):
         args = getattr(model_or_args, "args", model_or_args)

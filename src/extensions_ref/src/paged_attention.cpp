@@ -313,18 +313,18 @@ std::pair<mx::array, mx::array> reshape_and_cache(
     }
   }
   auto stream = mx::to_stream(s);
-  // The caches go in as they are (not through row_major): a Contiguous node in
-  // between would hold their buffers and stop the donation.
-  auto outputs = mx::array::make_arrays(
-      {key_cache.shape(), value_cache.shape()},
-      {key_cache.dtype(), value_cache.dtype()},
-      std::make_shared<ReshapeAndCache>(stream),
-      {row_major(key, stream),
-       row_major(value, stream),
-       key_cache,
-       value_cache,
-       row_major(slot_mapping, stream)});
-  return {outputs[0], outputs[1]};
+  // One node per cache, so that each cache is referenced by one node only and
+  // its buffer can be handed to the output. The caches go in as they are (not
+  // through row_major): a Contiguous node in between would hold their buffers.
+  auto slots = row_major(slot_mapping, stream);
+  auto write = [&](const mx::array& rows, const mx::array& cache) {
+    return mx::array(
+        cache.shape(),
+        cache.dtype(),
+        std::make_shared<ReshapeAndCache>(stream),
+        {row_major(rows, stream), cache, slots});
+  };
+  return {write(key, key_cache), write(value, value_cache)};
 }
 
 bool ReshapeAndCache::is_equivalent(const mx::Primitive& other) const {
@@ -349,33 +349,29 @@ bool donate_or_allocate(const mx::array& cache, mx::array& out) {
 } // namespace
 
 void ReshapeAndCache::eval_cpu(
-    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  const bool copy_key = donate_or_allocate(inputs[2], outputs[0]);
-  const bool copy_value = donate_or_allocate(inputs[3], outputs[1]);
+    const std::vector<mx::array>& inputs, mx::array& out) {
+  const bool copy = donate_or_allocate(inputs[1], out);
   auto& encoder = mx::cpu::get_command_encoder(stream());
   std::vector<mx::array> in;
   for (const auto& a : inputs) {
     encoder.set_input_array(a);
     in.push_back(mx::array::unsafe_weak_copy(a));
   }
-  std::vector<mx::array> out;
-  for (auto& a : outputs) {
-    encoder.set_output_array(a);
-    out.push_back(mx::array::unsafe_weak_copy(a));
-  }
+  encoder.set_output_array(out);
   encoder.dispatch([in = std::move(in),
-                    out = std::move(out),
-                    copy_key,
-                    copy_value]() mutable {
-    // Checked before anything is written, so on error the caches are as
-    // they were (a donated buffer included).
-    const auto& kc = in[2];
+                    out = mx::array::unsafe_weak_copy(out),
+                    copy]() mutable {
+    // Checked before anything is written, so on error the cache is as it
+    // was (a donated buffer included).
+    const auto& cache = in[1];
     auto error = check_slot_mapping(
-        in[4].data<int32_t>(), in[4].size(), int64_t(kc.shape(0)) * kc.shape(1));
+        in[2].data<int32_t>(),
+        in[2].size(),
+        int64_t(cache.shape(0)) * cache.shape(1));
     if (!error.empty()) {
       throw std::invalid_argument("reshape_and_cache: " + error);
     }
-    reshape_and_cache_cpu(in, out, copy_key, copy_value);
+    reshape_and_cache_cpu(in, out, copy);
   });
 }
 
@@ -432,23 +428,14 @@ void encode_paged_attention(
 
 // paged_cache_copy_<dtype>: 0 src, 1 dst, 2 n (uint), 3 shape (int[4]),
 // 4 src strides (int64_t[4]) -- any layout in, row-major out.
-// reshape_and_cache_<dtype>: 0 key, 1 value, 2 slot_mapping, 3 key_cache',
-// 4 value_cache', 5 row = H_kv * D (int), 6 num_slots (int); one thread per
-// (element of a row, token).
+// reshape_and_cache_<dtype>: 0 rows, 1 slot_mapping, 2 cache', 3 row = H_kv *
+// D (int), 4 num_slots (int); one thread per (element of a row, token).
 void encode_reshape_and_cache(
-    Encoder& encoder,
-    const std::vector<mx::array>& inputs,
-    bool copy_key,
-    bool copy_value) {
-  const auto& key = inputs[0];
-  const auto& kc = inputs[2];
-  const std::string dtype = dtype_name(kc.dtype());
-  const bool copy[2] = {copy_key, copy_value};
-  for (int k = 0; k < 2; ++k) {
-    if (!copy[k]) {
-      continue;
-    }
-    const auto& cache = inputs[2 + k];
+    Encoder& encoder, const std::vector<mx::array>& inputs, bool copy) {
+  const auto& rows = inputs[0];
+  const auto& cache = inputs[1];
+  const std::string dtype = dtype_name(cache.dtype());
+  if (copy) {
     const size_t n = cache.size();
     if (n > std::numeric_limits<uint32_t>::max()) {
       throw std::invalid_argument(
@@ -458,26 +445,24 @@ void encode_reshape_and_cache(
     std::vector<int32_t> shape(cache.shape().begin(), cache.shape().end());
     std::vector<int64_t> strides(cache.strides().begin(), cache.strides().end());
     encoder.set_kernel("paged_cache_copy_" + dtype);
-    encoder.set_input(2 + k, 0);
-    encoder.set_output(k, 1);
+    encoder.set_input(1, 0);
+    encoder.set_output(0, 1);
     encoder.set_value(static_cast<uint32_t>(n), 2);
     encoder.set_vector(shape, 3);
     encoder.set_vector(strides, 4);
     encoder.dispatch_threads({n, 1, 1}, {std::min<size_t>(n, 256), 1, 1});
   }
-  const size_t tokens = key.shape(0);
-  const size_t row = size_t(key.shape(1)) * key.shape(2);
+  const size_t tokens = rows.shape(0);
+  const size_t row = size_t(rows.shape(1)) * rows.shape(2);
   if (tokens == 0) {
     return;
   }
   encoder.set_kernel("reshape_and_cache_" + dtype);
   encoder.set_input(0, 0);
-  encoder.set_input(1, 1);
-  encoder.set_input(4, 2);
-  encoder.set_output(0, 3);
-  encoder.set_output(1, 4);
-  encoder.set_value(static_cast<int32_t>(row), 5);
-  encoder.set_value(static_cast<int32_t>(kc.shape(0) * kc.shape(1)), 6);
+  encoder.set_input(2, 1);
+  encoder.set_output(0, 2);
+  encoder.set_value(static_cast<int32_t>(row), 3);
+  encoder.set_value(static_cast<int32_t>(cache.shape(0) * cache.shape(1)), 4);
   encoder.dispatch_threads(
       {row, tokens, 1}, {std::min<size_t>(row, 256), 1, 1});
 }
@@ -506,17 +491,17 @@ void PagedAttention::eval_gpu(
 }
 
 void ReshapeAndCache::eval_gpu(
-    const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+    const std::vector<mx::array>& inputs, mx::array& out) {
 #ifdef _METAL_
   // Slots outside the pool are skipped by the kernel (not checked: see
   // eval_gpu of PagedAttention); with duplicate slots one write wins.
-  const bool copy_key = donate_or_allocate(inputs[2], outputs[0]);
-  const bool copy_value = donate_or_allocate(inputs[3], outputs[1]);
+  const bool copy = donate_or_allocate(inputs[1], out);
+  std::vector<mx::array> outputs{out};
   MetalEncoder encoder(stream(), inputs, outputs);
-  encode_reshape_and_cache(encoder, inputs, copy_key, copy_value);
+  encode_reshape_and_cache(encoder, inputs, copy);
 #else
   (void)inputs;
-  (void)outputs;
+  (void)out;
   throw std::runtime_error(
       "reshape_and_cache: this MLX build has no Metal back-end; run it on "
       "the CPU stream");
@@ -558,11 +543,25 @@ std::vector<Command> plan_reshape_and_cache(
       value_cache,
       slot_mapping,
       mx::Device(mx::Device::cpu));
-  auto inputs = kc.inputs();
-  mx::eval(inputs);
-  RecordingEncoder encoder(inputs, {kc, vc});
-  encode_reshape_and_cache(encoder, inputs, true, true);
-  return encoder.commands();
+  // One plan for both nodes: the value cache's node writes output 1.
+  std::vector<Command> commands;
+  int output = 0;
+  for (const auto& node : {kc, vc}) {
+    auto inputs = node.inputs();
+    mx::eval(inputs);
+    RecordingEncoder encoder(inputs, {node});
+    encode_reshape_and_cache(encoder, inputs, true);
+    for (auto c : encoder.commands()) {
+      for (auto& [index, binding] : c.buffers) {
+        if (binding.kind == Binding::Kind::Output) {
+          binding.array = output;
+        }
+      }
+      commands.push_back(std::move(c));
+    }
+    ++output;
+  }
+  return commands;
 }
 
 } // namespace tiny_llm

@@ -79,12 +79,9 @@ std::string check_slot_mapping(
 void paged_attention_cpu(
     const std::vector<mx::array>& inputs, mx::array& out, float scale);
 
-// copy_key / copy_value: see encode_reshape_and_cache.
+// inputs: rows, cache, slot_mapping. copy: see encode_reshape_and_cache.
 void reshape_and_cache_cpu(
-    const std::vector<mx::array>& inputs,
-    std::vector<mx::array>& outputs,
-    bool copy_key,
-    bool copy_value);
+    const std::vector<mx::array>& inputs, mx::array& out, bool copy);
 
 // ---- the Metal dispatch (written once; run by eval_gpu and recorded) -------
 
@@ -93,16 +90,15 @@ void encode_paged_attention(
     const std::vector<mx::array>& inputs,
     const PagedAttentionParams& params);
 
-// copy_key / copy_value: the output does not share the cache's buffer, so the
-// old contents must be copied in before the new tokens are written.
+// inputs: rows, cache, slot_mapping (one ReshapeAndCache node). copy: the
+// output does not share the cache's buffer, so the old contents must be
+// copied in before the new rows are written.
 void encode_reshape_and_cache(
-    Encoder& encoder,
-    const std::vector<mx::array>& inputs,
-    bool copy_key,
-    bool copy_value);
+    Encoder& encoder, const std::vector<mx::array>& inputs, bool copy);
 
-// The commands eval_gpu would encode (evaluates the inputs; the plan always
-// copies the caches, since run_plan's outputs start empty).
+// The commands eval_gpu would encode (evaluates the inputs). The plan of
+// reshape_and_cache holds the key cache's node, then the value cache's, and
+// always copies the caches, since run_plan's outputs start empty.
 std::vector<Command> plan_paged_attention(
     const mx::array& query,
     const mx::array& key_cache,
@@ -144,18 +140,15 @@ class PagedAttention : public mx::UnaryPrimitive {
   float scale_;
 };
 
-// inputs: key, value, key_cache, value_cache, slot_mapping;
-// outputs: key_cache', value_cache'.
-class ReshapeAndCache : public mx::Primitive {
+// Writes one cache: inputs rows [T, H_kv, D], cache, slot_mapping; output
+// cache'. reshape_and_cache makes one node per cache, so each cache is the
+// input of a single node and can be donated to its output.
+class ReshapeAndCache : public mx::UnaryPrimitive {
  public:
-  explicit ReshapeAndCache(mx::Stream stream) : mx::Primitive(stream) {}
+  explicit ReshapeAndCache(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
 
-  void eval_cpu(
-      const std::vector<mx::array>& inputs,
-      std::vector<mx::array>& outputs) override;
-  void eval_gpu(
-      const std::vector<mx::array>& inputs,
-      std::vector<mx::array>& outputs) override;
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
 
   const char* name() const override {
     return "ReshapeAndCache";
@@ -163,7 +156,7 @@ class ReshapeAndCache : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override;
   std::vector<mx::Shape> output_shapes(
       const std::vector<mx::array>& inputs) override {
-    return {inputs[2].shape(), inputs[3].shape()};
+    return {inputs[1].shape()};
   }
 };
 

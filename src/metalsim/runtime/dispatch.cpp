@@ -4,8 +4,12 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
+#ifdef __APPLE__
+#include <sys/ucontext.h>  // <ucontext.h> insists on _XOPEN_SOURCE there
+#else
+#include <ucontext.h>
+#endif
 
 #include <chrono>
 #include <csetjmp>
@@ -29,7 +33,9 @@ std::size_t round_up(std::size_t x, std::size_t a) {
   return (x + a - 1) / a * a;
 }
 
-struct Mapping {  // one buffer: [guard page][slack][data][guard page]
+// One buffer: [guard page][slack][data][guard page], or [guard][data][slack][guard] when it
+// is bound at an offset (see map_buffer).
+struct Mapping {
   int index = -1;
   const char* name = "?";
   const ms_binding* binding = nullptr;
@@ -408,6 +414,7 @@ MS_EXPORT int metalsim_dispatch(const ms_kernel* k, const ms_dispatch* d, char* 
   g.error.clear();
   g.tg_arena = static_cast<unsigned char*>(arena);
   g.tg_static.clear();
+  g.tg_fresh = true;
   std::memset(g.buffer_pointers, 0, sizeof g.buffer_pointers);
   std::memset(g.tg_pointers, 0, sizeof g.tg_pointers);
   for (const Mapping& m : maps) g.buffer_pointers[m.index] = m.data + m.binding->offset;

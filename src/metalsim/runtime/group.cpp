@@ -338,6 +338,7 @@ void* threadgroup_alloc(uint64_t size, uint64_t align, const char* name, const s
                   (unsigned long long)g.tg_used, METALSIM_TG_MEMORY_LIMIT,
                   (unsigned long long)g.tg_dynamic));
   g.tg_static.push_back(TgStatic{where.file_name(), where.line(), where.column(), offset, size});
+  if (g.mode == MS_MODE_FIBER) std::memset(g.tg_arena + g.tg_used, 0xff, offset + size - g.tg_used);
   g.tg_used = offset + size;
   return g.tg_arena + offset;
 }
@@ -376,7 +377,12 @@ void group_begin(Group& g, ms_uint3 pos) {
   g.alive = g.n;
   g.blocked = 0;
   g.ready_head = g.ready_count = 0;
-  std::memset(g.tg_arena, 0xff, METALSIM_TG_MEMORY_LIMIT);  // a missing barrier reads NaN
+  // A missing barrier reads NaN. In fiber mode, after the first threadgroup only the part in use
+  // needs it (a variable first reached later is filled when allocated). In thread mode the fill
+  // must happen before the threads start, or ThreadSanitizer would see it race with them.
+  const bool whole = g.tg_fresh || g.mode == MS_MODE_THREAD;
+  std::memset(g.tg_arena, 0xff, whole ? METALSIM_TG_MEMORY_LIMIT : g.tg_used);
+  g.tg_fresh = false;
   const uint32_t quads = (g.n + 3) / 4;
   for (uint32_t i = 0; i < g.n; ++i) {
     ThreadCtx& t = g.threads[i];

@@ -73,6 +73,7 @@ struct Group {
   // Threadgroup memory: [[threadgroup(i)]] regions first, then function-body variables.
   unsigned char* tg_arena = nullptr;
   uint64_t tg_dynamic = 0, tg_used = 0;
+  bool tg_fresh = true;  // no threadgroup has run yet in this dispatch
   std::vector<TgStatic> tg_static;
   void* tg_pointers[METALSIM_MAX_BINDINGS] = {};
   void* buffer_pointers[METALSIM_MAX_BINDINGS] = {};

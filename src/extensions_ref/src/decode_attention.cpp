@@ -1,0 +1,666 @@
+#include "decode_attention.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <typeinfo>
+
+#include "decode_attention_params.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/transforms.h"
+#include "utils.h"
+
+#ifdef _METAL_
+#include "metal_encoder.h"
+#endif
+
+// On x86-64 the kernel is compiled twice: for the baseline CPU (SSE2, what
+// the wheel must run on) and for AVX2 + FMA + F16C, picked at run time.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TINY_LLM_X86_CLONES 1
+#endif
+
+namespace tiny_llm {
+
+// ---------------------------------------------------------------------------
+// The op: checks shapes and dtypes, then adds one DecodeAttention node.
+// ---------------------------------------------------------------------------
+
+namespace {
+
+constexpr const char* kOp = "decode_attention";
+
+void check_decode_inputs(
+    const mx::array& query,
+    const mx::array& key,
+    const mx::array& value,
+    const mx::array& lengths,
+    float scale) {
+  check_float(kOp, "query", query);
+  check_float(kOp, "key", key);
+  check_float(kOp, "value", value);
+  if (key.dtype() != query.dtype() || value.dtype() != query.dtype()) {
+    throw TypeError(
+        std::string(kOp) + ": query, key and value must share a dtype; got " +
+        describe(query.dtype()) + ", " + describe(key.dtype()) + ", " +
+        describe(value.dtype()));
+  }
+  if (lengths.dtype() != mx::int32) {
+    throw TypeError(
+        std::string(kOp) + ": lengths has dtype " + describe(lengths.dtype()) +
+        "; expected int32 (use .astype(mx.int32))");
+  }
+  if (query.ndim() != 3) {
+    throw std::invalid_argument(
+        std::string(kOp) + ": query must be [B, H_q, D], got shape " +
+        describe(query.shape()));
+  }
+  if (key.ndim() != 4 || key.shape() != value.shape()) {
+    throw std::invalid_argument(
+        std::string(kOp) +
+        ": key and value must both be [B, H_kv, S, D], got key " +
+        describe(key.shape()) + " and value " + describe(value.shape()));
+  }
+  if (lengths.ndim() != 1) {
+    throw std::invalid_argument(
+        std::string(kOp) + ": lengths must be [B], got shape " +
+        describe(lengths.shape()));
+  }
+  int batch = query.shape(0);
+  if (key.shape(0) != batch || lengths.shape(0) != batch) {
+    throw std::invalid_argument(
+        std::string(kOp) + ": batch sizes differ: query " +
+        describe(query.shape()) + ", key " + describe(key.shape()) +
+        ", lengths " + describe(lengths.shape()));
+  }
+  int dim = query.shape(2);
+  if (key.shape(3) != dim) {
+    throw std::invalid_argument(
+        std::string(kOp) + ": query has head dim " + std::to_string(dim) +
+        " but key has " + std::to_string(key.shape(3)));
+  }
+  if (dim != 64 && dim != 128) {
+    throw std::invalid_argument(
+        std::string(kOp) + ": head dim " + std::to_string(dim) +
+        " is not supported (the kernels are built for 64 and 128)");
+  }
+  int heads = query.shape(1);
+  int kv_heads = key.shape(1);
+  if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0) {
+    throw std::invalid_argument(
+        std::string(kOp) + ": " + std::to_string(heads) +
+        " query heads are not a positive multiple of " +
+        std::to_string(kv_heads) + " KV heads");
+  }
+  if (!std::isfinite(scale)) {
+    throw std::invalid_argument(
+        std::string(kOp) + ": scale must be finite, got " +
+        std::to_string(scale));
+  }
+}
+
+} // namespace
+
+mx::array decode_attention(
+    const mx::array& query,
+    const mx::array& key,
+    const mx::array& value,
+    const mx::array& lengths,
+    float scale,
+    mx::StreamOrDevice s /* = {} */) {
+  check_decode_inputs(query, key, value, lengths, scale);
+  return mx::array(
+      query.shape(),
+      query.dtype(),
+      std::make_shared<DecodeAttention>(mx::to_stream(s), scale),
+      {query, key, value, lengths});
+}
+
+bool DecodeAttention::is_equivalent(const mx::Primitive& other) const {
+  return typeid(other) == typeid(*this) &&
+      static_cast<const DecodeAttention&>(other).scale_ == scale_;
+}
+
+// ---------------------------------------------------------------------------
+// Week 2 Day 5, task 2: the CPU kernel.
+//
+// Work is split into units of at most kChunk keys of one (sequence, KV head):
+// every K/V row is read once for all the query heads of its group, and long
+// sequences are shared among threads. Each unit keeps an online softmax per
+// query head (running max m, running sum l, running weighted sum acc); the
+// units of one (sequence, KV head) are merged at the end by the same rule
+// that merges two halves of a softmax (flash-decoding).
+// ---------------------------------------------------------------------------
+
+namespace {
+
+constexpr int kChunk = 512; // keys per work unit
+constexpr int kTile = 32; // keys scored before one rescale of acc
+constexpr float kLowest = std::numeric_limits<float>::lowest();
+
+template <typename T>
+struct Problem {
+  const T* query;
+  const T* key;
+  const T* value;
+  T* out;
+  int64_t q_strides[3];
+  int64_t k_strides[4];
+  int64_t v_strides[4];
+  int batch, heads, kv_heads, group, max_len;
+  float scale;
+  std::vector<int> lengths; // checked to lie in [0, max_len]
+};
+
+struct Unit {
+  int b, kv_head, begin, end; // keys [begin, end) of sequence b
+};
+
+// Scratch space of one thread: the scaled queries of a group, one tile of
+// scores per query head, one K or V row converted to float.
+struct Scratch {
+  Scratch(int group, int dim)
+      : queries(group * dim), scores(group * kTile), row(dim) {}
+  std::vector<float> queries, scores, row;
+};
+
+// Rows of K/V/Q as float. PlainRows is portable C++ the compiler vectorises
+// at whatever the target allows; F16cRows (x86 only) converts float16 rows
+// with the F16C instructions, eight values at a time.
+struct PlainRows {
+  template <typename T, int D>
+  static const float* load(const T* src, int64_t stride, float* buf) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (stride == 1) {
+        return src; // already what we need: no copy
+      }
+      for (int d = 0; d < D; ++d) {
+        buf[d] = src[d * stride];
+      }
+    } else if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
+      // bfloat16 is the top half of a float32.
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+      for (int d = 0; d < D; ++d) {
+        uint32_t u = uint32_t(bits[d * stride]) << 16;
+        std::memcpy(&buf[d], &u, sizeof(float));
+      }
+    } else {
+      for (int d = 0; d < D; ++d) {
+        buf[d] = static_cast<float>(src[d * stride]);
+      }
+    }
+    return buf;
+  }
+};
+
+#ifdef TINY_LLM_X86_CLONES
+struct F16cRows {
+  template <typename T, int D>
+  __attribute__((target("avx2,fma,f16c"))) static const float*
+  load(const T* src, int64_t stride, float* buf) {
+    if constexpr (std::is_same_v<T, mx::float16_t>) {
+      if (stride == 1) {
+        for (int d = 0; d < D; d += 8) {
+          __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
+          _mm256_storeu_ps(buf + d, _mm256_cvtph_ps(h));
+        }
+        return buf;
+      }
+    }
+    return PlainRows::load<T, D>(src, stride, buf);
+  }
+};
+#endif
+
+// 32 independent partial sums: the compiler turns them into vector lanes
+// without needing permission to reorder one float sum (-ffast-math), and
+// with four (AVX) or eight (SSE) registers of them the multiply-adds do not
+// wait for each other.
+template <int D>
+inline float dot(const float* a, const float* b) {
+  static_assert(D % 32 == 0);
+  float lanes[32] = {};
+  for (int d = 0; d < D; d += 32) {
+    for (int j = 0; j < 32; ++j) {
+      lanes[j] += a[d + j] * b[d + j];
+    }
+  }
+  float eight[8];
+  for (int j = 0; j < 8; ++j) {
+    eight[j] = (lanes[j] + lanes[j + 8]) + (lanes[j + 16] + lanes[j + 24]);
+  }
+  return ((eight[0] + eight[4]) + (eight[1] + eight[5])) +
+      ((eight[2] + eight[6]) + (eight[3] + eight[7]));
+}
+
+// exp(x) for x <= 0 (scores minus their running maximum), written so the
+// compiler can vectorise a loop of them: round x / ln 2 to an integer n, take
+// a degree-6 polynomial for exp(r) on r = x - n ln 2 in [-ln2/2, ln2/2]
+// (Cephes' expf coefficients, about 1 ulp), and build 2^n from its exponent
+// bits. x is clamped at -87 (exp(-87) ~ 1.6e-38, the smallest normal float
+// region): a weight that small is nothing next to the maximum's weight of 1.
+inline float exp_nonpositive(float x) {
+  // The clamp compares bit patterns (for x <= 0 a larger pattern is a more
+  // negative float): GCC does not vectorise a float comparison here.
+  uint32_t x_bits;
+  std::memcpy(&x_bits, &x, sizeof(float));
+  x_bits = std::min(x_bits, 0xC2AE0000u); // -87.0f
+  float xc;
+  std::memcpy(&xc, &x_bits, sizeof(float));
+  // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low bits.
+  const float t = xc * 1.44269504f + 12582912.0f;
+  const float n = t - 12582912.0f;
+  uint32_t t_bits;
+  std::memcpy(&t_bits, &t, sizeof(float));
+  const uint32_t pow2_bits = (t_bits - 0x4B400000u + 127u) << 23; // 2^n
+  float pow2;
+  std::memcpy(&pow2, &pow2_bits, sizeof(float));
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = (p * r * r + r) + 1.0f;
+  return p * pow2;
+}
+
+// One work unit: keys [unit.begin, unit.end) of one (sequence, KV head), for
+// every query head of the group. `state` receives m[G], l[G], acc[G][D].
+template <typename T, int D, class Rows>
+void attend_unit(
+    const Problem<T>& p, const Unit& unit, float* state, Scratch& scratch) {
+  const int G = p.group;
+  float* m = state;
+  float* l = state + G;
+  float* acc = state + 2 * G;
+  float* q = scratch.queries.data();
+  float* scores = scratch.scores.data();
+  float* row = scratch.row.data();
+
+  for (int g = 0; g < G; ++g) {
+    const T* q_row = p.query + unit.b * p.q_strides[0] +
+        int64_t(unit.kv_head * G + g) * p.q_strides[1];
+    const float* qf = Rows::template load<T, D>(q_row, p.q_strides[2], row);
+    for (int d = 0; d < D; ++d) {
+      q[g * D + d] = qf[d] * p.scale;
+    }
+    m[g] = kLowest;
+    l[g] = 0.0f;
+    std::fill(acc + g * D, acc + (g + 1) * D, 0.0f);
+  }
+
+  const T* k_seq =
+      p.key + unit.b * p.k_strides[0] + unit.kv_head * p.k_strides[1];
+  const T* v_seq =
+      p.value + unit.b * p.v_strides[0] + unit.kv_head * p.v_strides[1];
+  for (int t0 = unit.begin; t0 < unit.end; t0 += kTile) {
+    const int n = std::min(kTile, unit.end - t0);
+    // Scores of this tile of keys, for every query head.
+    for (int i = 0; i < n; ++i) {
+      const float* k = Rows::template load<T, D>(
+          k_seq + (t0 + i) * p.k_strides[2], p.k_strides[3], row);
+      for (int g = 0; g < G; ++g) {
+        scores[g * kTile + i] = dot<D>(q + g * D, k);
+      }
+    }
+    // Online softmax: move each head's running sums to the new maximum
+    // (once per tile, not per key), then turn scores into weights.
+    for (int g = 0; g < G; ++g) {
+      float* s = scores + g * kTile;
+      float tile_max = s[0];
+      for (int i = 1; i < n; ++i) {
+        tile_max = std::max(tile_max, s[i]);
+      }
+      const float m_new = std::max(m[g], tile_max);
+      const float correction = std::exp(m[g] - m_new);
+      if (correction != 1.0f) {
+        l[g] *= correction;
+        for (int d = 0; d < D; ++d) {
+          acc[g * D + d] *= correction;
+        }
+      }
+      for (int i = 0; i < kTile; ++i) { // the whole tile: one vector loop
+        s[i] = exp_nonpositive(s[i] - m_new);
+      }
+      std::fill(s + n, s + kTile, 0.0f); // a last, partial tile
+      float sums[8] = {};
+      for (int i = 0; i < kTile; i += 8) {
+        for (int j = 0; j < 8; ++j) {
+          sums[j] += s[i + j];
+        }
+      }
+      l[g] += ((sums[0] + sums[4]) + (sums[1] + sums[5])) +
+          ((sums[2] + sums[6]) + (sums[3] + sums[7]));
+      m[g] = m_new;
+    }
+    // Weighted values.
+    for (int i = 0; i < n; ++i) {
+      const float* v = Rows::template load<T, D>(
+          v_seq + (t0 + i) * p.v_strides[2], p.v_strides[3], row);
+      for (int g = 0; g < G; ++g) {
+        const float w = scores[g * kTile + i];
+        float* a = acc + g * D;
+        for (int d = 0; d < D; ++d) {
+          a[d] += w * v[d];
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int D>
+using UnitFn = void (*)(const Problem<T>&, const Unit&, float*, Scratch&);
+
+template <typename T, int D>
+void attend_unit_baseline(
+    const Problem<T>& p, const Unit& unit, float* state, Scratch& scratch) {
+  attend_unit<T, D, PlainRows>(p, unit, state, scratch);
+}
+
+#ifdef TINY_LLM_X86_CLONES
+// flatten inlines every helper into this function, so they are all compiled
+// for AVX2/FMA/F16C here (and for the baseline in the function above).
+template <typename T, int D>
+__attribute__((target("avx2,fma,f16c"), flatten)) void attend_unit_avx2(
+    const Problem<T>& p, const Unit& unit, float* state, Scratch& scratch) {
+  attend_unit<T, D, F16cRows>(p, unit, state, scratch);
+}
+
+bool cpu_has_avx2_fma_f16c() {
+  static const bool yes = __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
+template <typename T, int D>
+UnitFn<T, D> pick_unit_fn() {
+#ifdef TINY_LLM_X86_CLONES
+  if (cpu_has_avx2_fma_f16c()) {
+    return &attend_unit_avx2<T, D>;
+  }
+#endif
+  return &attend_unit_baseline<T, D>;
+}
+
+// Runs work(i) for every i in [0, n) on `threads` threads (the caller is one
+// of them), each with its own worker from make_worker(). The first exception
+// stops the others and is rethrown here once they have all finished.
+template <class MakeWorker>
+void parallel_for(size_t n, int threads, MakeWorker make_worker) {
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto run = [&]() {
+    try {
+      auto work = make_worker();
+      for (size_t i = next++; i < n && !failed; i = next++) {
+        work(i);
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) {
+        error = std::current_exception();
+      }
+      failed = true;
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) {
+    pool.emplace_back(run);
+  }
+  run();
+  for (auto& thread : pool) {
+    thread.join();
+  }
+  if (error) {
+    std::rethrow_exception(error);
+  }
+}
+
+template <typename T, int D>
+void decode_attention_cpu(const Problem<T>& p) {
+  const int G = p.group;
+  // The work units, grouped by (sequence, KV head) in order.
+  std::vector<Unit> units;
+  std::vector<size_t> first_unit; // of each (b, kv_head), plus an end marker
+  size_t keys = 0;
+  for (int b = 0; b < p.batch; ++b) {
+    for (int h = 0; h < p.kv_heads; ++h) {
+      first_unit.push_back(units.size());
+      for (int t = 0; t < p.lengths[b]; t += kChunk) {
+        units.push_back({b, h, t, std::min(p.lengths[b], t + kChunk)});
+      }
+      keys += p.lengths[b];
+    }
+  }
+  first_unit.push_back(units.size());
+
+  // About 256 KiB of K/V per thread at least: below that, starting a thread
+  // costs more than it saves.
+  const size_t state_size = size_t(G) * (D + 2);
+  std::vector<float> states(units.size() * state_size);
+  const size_t bytes = keys * 2 * D * sizeof(T);
+  const size_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const int threads = static_cast<int>(std::max<size_t>(
+      1, std::min({cores, units.size(), bytes / (256 * 1024)})));
+  const UnitFn<T, D> attend = pick_unit_fn<T, D>();
+  parallel_for(units.size(), threads, [&]() {
+    return [&, scratch = Scratch(G, D)](size_t u) mutable {
+      attend(p, units[u], states.data() + u * state_size, scratch);
+    };
+  });
+
+  // Merge the units of each (sequence, KV head): rescale every partial sum
+  // to the largest maximum, add, divide. No keys (length 0): zeros.
+  std::vector<float> o(D);
+  for (int b = 0; b < p.batch; ++b) {
+    for (int h = 0; h < p.kv_heads; ++h) {
+      const size_t begin = first_unit[b * p.kv_heads + h];
+      const size_t end = first_unit[b * p.kv_heads + h + 1];
+      for (int g = 0; g < G; ++g) {
+        float big_m = kLowest;
+        for (size_t u = begin; u < end; ++u) {
+          big_m = std::max(big_m, states[u * state_size + g]);
+        }
+        float big_l = 0.0f;
+        std::fill(o.begin(), o.end(), 0.0f);
+        for (size_t u = begin; u < end; ++u) {
+          const float* state = states.data() + u * state_size;
+          const float f = std::exp(state[g] - big_m);
+          big_l += state[G + g] * f;
+          const float* acc = state + 2 * G + g * D;
+          for (int d = 0; d < D; ++d) {
+            o[d] += acc[d] * f;
+          }
+        }
+        T* out = p.out + (int64_t(b) * p.heads + h * G + g) * D;
+        for (int d = 0; d < D; ++d) {
+          out[d] = static_cast<T>(big_l > 0.0f ? o[d] / big_l : 0.0f);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void decode_attention_cpu(
+    const mx::array& query,
+    const mx::array& key,
+    const mx::array& value,
+    const mx::array& lengths,
+    mx::array& out,
+    float scale) {
+  Problem<T> p;
+  p.query = query.data<T>();
+  p.key = key.data<T>();
+  p.value = value.data<T>();
+  p.out = out.data<T>();
+  for (int i = 0; i < 3; ++i) {
+    p.q_strides[i] = query.strides()[i];
+  }
+  for (int i = 0; i < 4; ++i) {
+    p.k_strides[i] = key.strides()[i];
+    p.v_strides[i] = value.strides()[i];
+  }
+  p.batch = query.shape(0);
+  p.heads = query.shape(1);
+  p.kv_heads = key.shape(1);
+  p.group = p.heads / p.kv_heads;
+  p.max_len = key.shape(2);
+  p.scale = scale;
+  // The lengths are values, not shapes: check them before any K/V is read.
+  const int32_t* lens = lengths.data<int32_t>();
+  const int64_t stride = lengths.strides()[0];
+  for (int b = 0; b < p.batch; ++b) {
+    const int32_t len = lens[b * stride];
+    if (len < 0 || len > p.max_len) {
+      throw std::out_of_range(
+          std::string(kOp) + ": lengths[" + std::to_string(b) + "] is " +
+          std::to_string(len) + ", outside [0, " + std::to_string(p.max_len) +
+          "] (S, the keys the cache holds)");
+    }
+    p.lengths.push_back(len);
+  }
+  if (query.shape(2) == 64) {
+    decode_attention_cpu<T, 64>(p);
+  } else {
+    decode_attention_cpu<T, 128>(p);
+  }
+}
+
+} // namespace
+
+void DecodeAttention::eval_cpu(
+    const std::vector<mx::array>& inputs, mx::array& out) {
+  // As in Swiglu::eval_cpu: allocate now, compute later, in a task queued
+  // after the tasks that produce the inputs.
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& input : inputs) {
+    encoder.set_input_array(input);
+  }
+  encoder.set_output_array(out);
+  encoder.dispatch([query = mx::array::unsafe_weak_copy(inputs[0]),
+                    key = mx::array::unsafe_weak_copy(inputs[1]),
+                    value = mx::array::unsafe_weak_copy(inputs[2]),
+                    lengths = mx::array::unsafe_weak_copy(inputs[3]),
+                    out = mx::array::unsafe_weak_copy(out),
+                    scale = scale_]() mutable {
+    switch (out.dtype()) {
+      case mx::float32:
+        decode_attention_cpu<float>(query, key, value, lengths, out, scale);
+        break;
+      case mx::float16:
+        decode_attention_cpu<mx::float16_t>(
+            query, key, value, lengths, out, scale);
+        break;
+      case mx::bfloat16:
+        decode_attention_cpu<mx::bfloat16_t>(
+            query, key, value, lengths, out, scale);
+        break;
+      default:
+        throw std::runtime_error("decode_attention: unsupported dtype");
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Week 2 Day 5, task 4: the Metal dispatch of decode_attention.metal.
+// Buffers: 0 query, 1 key, 2 value, 3 lengths, 4 out, 5 DecodeAttentionParams
+// (decode_attention_params.h). Grid: (H_kv * slices, B) threadgroups of
+// 32 * DECODE_ATTENTION_SIMDGROUPS threads.
+// ---------------------------------------------------------------------------
+
+void encode_decode_attention(
+    Encoder& encoder, const std::vector<mx::array>& inputs, float scale) {
+  const auto& query = inputs[0];
+  const auto& key = inputs[1];
+  const auto& value = inputs[2];
+  const auto& lengths = inputs[3];
+  const int batch = query.shape(0);
+  const int dim = query.shape(2);
+  if (batch == 0) {
+    return; // Metal rejects empty grids; there is nothing to compute.
+  }
+  DecodeAttentionParams p{};
+  for (int i = 0; i < 3; ++i) {
+    p.q_strides[i] = query.strides()[i];
+  }
+  for (int i = 0; i < 4; ++i) {
+    p.k_strides[i] = key.strides()[i];
+    p.v_strides[i] = value.strides()[i];
+  }
+  p.lengths_stride = lengths.strides()[0];
+  p.num_heads = query.shape(1);
+  p.num_kv_heads = key.shape(1);
+  p.max_len = key.shape(2);
+  const int group = p.num_heads / p.num_kv_heads;
+  p.slices = (group + DECODE_ATTENTION_MAX_HEADS - 1) /
+      DECODE_ATTENTION_MAX_HEADS;
+  p.scale = scale;
+
+  encoder.set_kernel(
+      "decode_attention_" + dtype_name(query.dtype()) + "_d" +
+      std::to_string(dim));
+  for (int i = 0; i < 4; ++i) {
+    encoder.set_input(i, i);
+  }
+  encoder.set_output(0, 4);
+  encoder.set_value(p, 5);
+  encoder.dispatch_threadgroups(
+      {size_t(p.num_kv_heads) * p.slices, size_t(batch), 1},
+      {32 * DECODE_ATTENTION_SIMDGROUPS, 1, 1});
+}
+
+// ---------------------------------------------------------------------------
+// Provided: eval_gpu and the recorded plan both run encode_decode_attention.
+// ---------------------------------------------------------------------------
+
+void DecodeAttention::eval_gpu(
+    const std::vector<mx::array>& inputs, mx::array& out) {
+#ifdef _METAL_
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  std::vector<mx::array> outputs{out};
+  MetalEncoder encoder(stream(), inputs, outputs);
+  encode_decode_attention(encoder, inputs, scale_);
+#else
+  (void)inputs;
+  (void)out;
+  throw std::runtime_error(
+      "decode_attention: this MLX build has no Metal back-end; run it on the "
+      "CPU stream");
+#endif
+}
+
+std::vector<Command> plan_decode_attention(
+    const mx::array& query,
+    const mx::array& key,
+    const mx::array& value,
+    const mx::array& lengths,
+    float scale) {
+  auto out = decode_attention(
+      query, key, value, lengths, scale, mx::Device(mx::Device::cpu));
+  auto inputs = out.inputs();
+  mx::eval(inputs);
+  RecordingEncoder encoder(inputs, {out});
+  encode_decode_attention(encoder, inputs, scale);
+  return encoder.commands();
+}
+
+} // namespace tiny_llm
