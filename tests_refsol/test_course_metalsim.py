@@ -301,9 +301,7 @@ def test_compiler_errors_name_the_metal_line():
     path = inline(
         "uses_double", "kernel void k(device float* x [[buffer(0)]]) {\n  double d = 1;\n}\n"
     )
-    with pytest.raises(
-        metalsim.MetalSimCompileError, match=r"uses_double\.metal:4.*poisoned"
-    ):
+    with pytest.raises(metalsim.MetalSimCompileError, match=r"uses_double\.metal:4.*poisoned"):
         metalsim.compile(path)
 
 

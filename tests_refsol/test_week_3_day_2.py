@@ -371,3 +371,390 @@ def test_reshape_and_cache_mlx_rejects_bad_input():
 # The tests of the extension's `paged_attention` / `reshape_and_cache` go below: build cases with
 # `make_case(...)` (kernel head dims 64 / 128), feed `case.mx_args()` (lazy inputs) and compare
 # with `oracle_attention(case)` / `oracle_write(...)` under TOL[case.dtype].
+
+
+# Task 4 (src/extensions/src/paged_attention_cpu.cpp, attend_item): the CPU kernel, through
+# `paged_attention(...)` with lazy inputs -- the tables too (`* 1`), so the kernel's own checks
+# run in its queued task. Task 5 (paged_attention.metal): the Metal kernel, through the commands
+# the extension's eval_gpu would encode (`_plan_paged_attention`), replayed on the .metal source
+# by the Metal-on-CPU harness (metalsim). Task 6 (reshape_and_cache_cpu and the
+# reshape_and_cache kernel): both paths likewise. On a Mac the real GPU runs as well.
+
+LEARNER = solution_name() == "tiny_llm"
+kernels = importlib.import_module(f"{solution_name()}.kernels")
+KERNEL_DIMS = [64, 128]
+
+
+def ext():
+    return kernels.extension()._ext
+
+
+def metal_source():
+    return kernels.extension().SOURCE_DIR / "src" / "paged_attention.metal"
+
+
+def lazy_args(case: PagedCase):
+    """case.mx_args() with block_tables and context_lens made lazy as well."""
+    q, kc, vc, tables, lens, scale = case.mx_args()
+    return q, kc, vc, tables * 1, lens * 1, scale
+
+
+def check_attention(out, case: PagedCase, what: str):
+    assert out.dtype == DTYPES[case.dtype], f"{what}: output is {out.dtype}, inputs {case.dtype}"
+    tol = TOL[case.dtype]
+    assert_allclose(out, oracle_attention(case), atol=tol, rtol=tol, what=what)
+
+
+# --- Task 4: the CPU kernel -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("d", KERNEL_DIMS)
+@pytest.mark.parametrize("contexts", SIZES, ids=["small", "long"])
+def test_kernel_cpu_matches_numpy(contexts, d, dtype):
+    case = make_case(40 + d, contexts, d=d, dtype=dtype, shared_blocks=2)
+    out = pa.paged_attention(*lazy_args(case), stream=mx.cpu)
+    check_attention(out, case, f"CPU paged_attention {dtype}, D={d}, contexts {contexts}")
+
+
+@pytest.mark.parametrize(
+    "h_q,h_kv", [(4, 4), (6, 1), (8, 2), (20, 2)], ids=["MHA", "MQA", "GQA", "GQA-10"]
+)
+@pytest.mark.parametrize("block_size", [1, 8, 24, 64])
+def test_kernel_cpu_heads_and_block_sizes(h_q, h_kv, block_size):
+    contexts = [1, block_size - 1 or 2, block_size, block_size + 1, 3 * block_size + 5]
+    case = make_case(41, contexts, h_q=h_q, h_kv=h_kv, block_size=block_size, dtype="float16")
+    out = pa.paged_attention(*lazy_args(case), stream=mx.cpu)
+    check_attention(out, case, f"CPU paged_attention H_q={h_q} H_kv={h_kv} block {block_size}")
+
+
+def test_kernel_cpu_long_contexts():
+    """Several thousand tokens: more than one partition per sequence on the CPU."""
+    case = make_case(42, [5003, 4096, 257], h_q=4, h_kv=1, d=128, dtype="bfloat16")
+    out = pa.paged_attention(*lazy_args(case), stream=mx.cpu)
+    check_attention(out, case, "CPU paged_attention over 5003 / 4096 / 257 tokens")
+
+
+def test_kernel_cpu_ignores_stale_slots_and_shares_blocks():
+    case = make_case(43, [40, 35, 2], shared_blocks=2)
+    expected = oracle_attention(case)
+    owned = np.zeros(case.key_cache.shape[:2], dtype=bool)
+    for b, n in enumerate(case.context_lens):
+        for pos in range(n):
+            owned[case.block_tables[b, pos // 16], pos % 16] = True
+    rng = np.random.default_rng(1)
+    for cache in (case.key_cache, case.value_cache):
+        cache[~owned] = np.round(rng.standard_normal(cache[~owned].shape) * 20)
+    out = pa.paged_attention(*lazy_args(case), stream=mx.cpu)
+    assert_allclose(out, expected, atol=TOL["float32"], what="CPU kernel with stale slots")
+
+
+def test_kernel_cpu_host_tables_and_compile():
+    case = make_case(44, SMALL)
+    q, kc, vc, _, _, scale = case.mx_args()
+    tables, lens = case.block_tables.tolist(), case.context_lens.tolist()
+    out = pa.paged_attention(q, kc, vc, tables, lens, scale, stream=mx.cpu)
+    check_attention(out, case, "CPU paged_attention from Python lists")
+    step = mx.compile(lambda q, kc, vc, t, n: pa.paged_attention(q, kc, vc, t, n, scale))
+    t, n = mx.array(case.block_tables), mx.array(case.context_lens)
+    check_attention(step(q, kc, vc, t, n), case, "compiled paged_attention")
+
+
+def test_kernel_other_head_dims_use_the_mlx_version():
+    case = make_case(45, SMALL, d=16)
+    check_attention(pa.paged_attention(*lazy_args(case)), case, "paged_attention, D=16")
+
+
+# --- Bad input: checked before the pool is read -----------------------------------------------
+BAD_KERNEL = {
+    **{k: v for k, v in BAD_ATTENTION.items() if k != "head dim"},
+    "id past pool": (ValueError, dict(block_tables=mx.array([[0, -1, -1], [1, 2, 99]]))),
+    "-1 in use": (ValueError, dict(block_tables=mx.array([[0, -1, -1], [1, -1, 3]]))),
+    "context 0": (ValueError, dict(context_lens=mx.array([0, 20]))),
+    "negative context": (ValueError, dict(context_lens=mx.array([-3, 20]))),
+    "context past table": (ValueError, dict(context_lens=mx.array([5, 25]))),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_KERNEL))
+def test_kernel_rejects_bad_input_before_running(what):
+    """Wrong dtypes, ranks and head counts, and -- for tables that are host data or already
+    computed -- bad block ids and lengths: a clear exception when the call is made."""
+    error, change = BAD_KERNEL[what]
+    args = _attention_args()
+    args["block_tables"] = mx.array([[0, -1, -1], [1, 2, 3]])  # computed: checked at once
+    args["context_lens"] = mx.array([5, 20])
+    if "host" in what and "block_tables" not in change:
+        args["block_tables"] = [[0, -1, -1], [1, 2, 3]]
+    with pytest.raises(error):
+        pa.paged_attention(**{**args, **change}, stream=mx.cpu)
+
+
+def test_kernel_op_rejects_head_dims_it_has_no_kernel_for():
+    kc = mx.zeros((4, 8, 2, 96))
+    tables, lens = mx.array([[0, 1]]), mx.array([9])
+    with pytest.raises(ValueError, match="head dim 96"):
+        ext().paged_attention(mx.zeros((1, 4, 96)), kc, kc, tables, lens, 1.0)
+
+
+@pytest.mark.parametrize(
+    "tables,lens",
+    [([[0, 9], [1, -1]], [10, 3]), ([[0, -1], [1, 2]], [9, 3]), ([[0, 1], [2, 3]], [0, 3])],
+    ids=["id past pool", "-1 in use", "context 0"],
+)
+def test_kernel_cpu_checks_lazy_tables_in_its_task(tables, lens):
+    """Tables still being computed cannot be checked when the node is built: the CPU task
+    checks them before it reads any block and the error comes out of mx.eval."""
+    kc = vc = mx.zeros((4, 8, 2, 64))
+    q = mx.zeros((2, 4, 64))
+    t = mx.array(tables, dtype=mx.int32) * 1
+    n = mx.array(lens, dtype=mx.int32) * 1
+    out = pa.paged_attention(q, kc, vc, t, n, 0.125, stream=mx.cpu)
+    with pytest.raises(RuntimeError, match="paged_attention: (block_tables|context_lens)"):
+        mx.eval(out)
+    ok = pa.paged_attention(q, kc, vc, mx.array([[0, 1], [2, 3]]) * 1, mx.array([9, 3]) * 1, 1.0)
+    mx.eval(ok)  # the stream still works after the error
+
+
+# --- Task 5: the Metal kernel, through the recorded dispatch ----------------------------------
+def _metalsim():
+    return pytest.importorskip("metalsim", reason="the Metal-on-CPU harness is missing")
+
+
+def run_metal_attention(case: PagedCase, metal=None, args=None):
+    """The commands eval_gpu would encode, replayed on the .metal file by metalsim."""
+    from tiny_llm_common.metal_dispatch import run_plan, values_of
+
+    _metalsim()
+    plan = ext()._plan_paged_attention(*(args or lazy_args(case)))
+    assert plan, "_plan_paged_attention recorded no dispatch"
+    shape = case.query.shape
+    (out,) = run_plan(metal or metal_source(), plan, None, [(shape, case.dtype)])
+    return values_of(out, case.dtype)
+
+
+def check_metal(got, case: PagedCase, what: str):
+    if np.isnan(got).all():
+        raise AssertionError(
+            f"{what}: every output is still NaN (unwritten)"
+            + (
+                ": Week 3 Day 2, task 5: implement paged_attention in "
+                "src/extensions/src/paged_attention.metal"
+                if LEARNER
+                else ""
+            )
+        )
+    tol = TOL[case.dtype]
+    assert_allclose(got, oracle_attention(case), atol=tol, rtol=tol, what=what)
+
+
+@pytest.mark.metal
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("d", KERNEL_DIMS)
+def test_kernel_metal_through_harness(d, dtype):
+    case = make_case(50 + d, [*SMALL, 70], d=d, dtype=dtype, shared_blocks=2)
+    check_metal(run_metal_attention(case), case, f"Metal paged_attention {dtype}, D={d}")
+
+
+@pytest.mark.metal
+@pytest.mark.parametrize("h_q,h_kv", [(6, 1), (4, 4), (20, 2)], ids=["MQA", "MHA", "GQA-10"])
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_kernel_metal_heads_and_block_sizes(h_q, h_kv, block_size):
+    contexts = [1, block_size - 1, block_size + 1, 2 * block_size + 3]
+    case = make_case(51, contexts, h_q=h_q, h_kv=h_kv, block_size=block_size)
+    check_metal(run_metal_attention(case), case, f"Metal H_q={h_q} H_kv={h_kv} block {block_size}")
+
+
+@pytest.mark.metal
+def test_kernel_metal_bad_values_give_nan_not_a_stray_read():
+    """On the GPU nothing can raise: a sequence whose table names a block outside the pool
+    (or whose length is impossible) gets NaN, without a read outside the pool (the harness
+    turns one into an error); the other sequences are exact."""
+    case = make_case(52, [20, 9, 5])
+    q, kc, vc, _, _, scale = case.mx_args()
+    tables = case.block_tables.copy()
+    tables[0, 1] = 10**6
+    lens = case.context_lens.copy()
+    lens[2] = 10**4
+    got = run_metal_attention(
+        case, args=(q, kc, vc, mx.array(tables) * 1, mx.array(lens) * 1, scale)
+    )
+    assert np.isnan(got[0]).all() and np.isnan(got[2]).all(), "bad sequences must be NaN"
+    assert_allclose(got[1], oracle_attention(case)[1], atol=TOL["float32"], what="good row")
+
+
+@pytest.mark.metal
+def test_a_wrong_block_index_fails_the_metal_check(tmp_path):
+    """The harness check can fail: a copy of the reference kernel that reads logical block j
+    where the table says physical block table[j] is caught by the comparison above."""
+    if LEARNER:
+        pytest.skip("checks the grader against the reference kernel")
+    source = metal_source().read_text()
+    line = "const int block = table[j]; // logical block j -> physical block"
+    assert line in source, "the reference kernel changed: update this test's mutation"
+    broken = tmp_path / "paged_attention.metal"
+    broken.write_text(source.replace(line, "const int block = j; // planted bug"))
+    (tmp_path / "paged_attention_params.h").write_text(
+        (metal_source().parent / "paged_attention_params.h").read_text()
+    )
+    case = make_case(53, [20, 40])
+    with pytest.raises(AssertionError, match="Metal paged_attention"):
+        check_metal(run_metal_attention(case, metal=broken), case, "Metal paged_attention")
+
+
+# --- Task 6: reshape_and_cache, CPU and Metal -------------------------------------------------
+def write_args(key, value, kc, vc, slots, dtype):
+    dt = DTYPES[dtype]
+    lazy = [mx.array(a.astype(np.float32)).astype(dt) for a in (key, value, kc, vc)]
+    return (*lazy, mx.array(slots) * 1)
+
+
+def _unwritten_hint(got, old) -> str:
+    if LEARNER and np.array_equal(np.asarray(got, np.float64), old):
+        return ": Week 3 Day 2, task 6: implement reshape_and_cache (CPU and Metal) in src/extensions/src/"
+    return ""
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_reshape_and_cache_kernel_cpu(dtype):
+    key, value, kc, vc, slots = write_case(60, dtype)
+    new_k, new_v = pa.reshape_and_cache(
+        *write_args(key, value, kc, vc, slots, dtype), stream=mx.cpu
+    )
+    ek, ev = oracle_write(key, value, kc, vc, slots)
+    assert new_k.dtype == DTYPES[dtype] and new_k.shape == kc.shape
+    assert_allclose(new_k, ek, atol=0, what="key cache after the CPU write")
+    assert_allclose(new_v, ev, atol=0, what="value cache after the CPU write")
+
+
+def _address(x: mx.array) -> int:
+    return np.asarray(x).__array_interface__["data"][0]
+
+
+def test_reshape_and_cache_kernel_writes_in_place_only_when_it_may():
+    """Rebinding the caches lets the write reuse their memory (T rows written, no copy of the
+    pool); a cache still referenced elsewhere is left as it was (MLX arrays are values)."""
+    rng = np.random.default_rng(61)
+    kc, vc = (
+        mx.array(rng.standard_normal((64, 16, 2, 64)).astype(np.float32)),
+        mx.zeros((64, 16, 2, 64)),
+    )
+    mx.eval(kc, vc)
+    before, start = np.array(kc), _address(kc)
+    key = mx.array(rng.standard_normal((3, 2, 64)).astype(np.float32))
+    kc, vc = pa.reshape_and_cache(key, key, kc, vc, [5, 700, 1023], stream=mx.cpu)
+    mx.eval(kc, vc)
+    assert _address(kc) == start, "the rebound cache was copied instead of written in place"
+    held = kc
+    new_k, _ = pa.reshape_and_cache(key * 2, key, kc, vc, [6, 7, 8], stream=mx.cpu)
+    mx.eval(new_k)
+    expected = before.reshape(1024, 2, 64)
+    expected[[5, 700, 1023]] = np.array(key)
+    assert_allclose(held.reshape(1024, 2, 64), expected, atol=0, what="the cache still held")
+    expected[[6, 7, 8]] = np.array(key) * 2
+    assert_allclose(new_k.reshape(1024, 2, 64), expected, atol=0, what="the new cache")
+
+
+def test_reshape_and_cache_kernel_broadcast_cache():
+    """A cache that is a broadcast view (mx.zeros is one) is copied to real memory first."""
+    key = mx.ones((2, 2, 64))
+    kc, vc = pa.reshape_and_cache(
+        key, key, mx.zeros((4, 8, 2, 64)), mx.zeros((4, 8, 2, 64)), [3, 31]
+    )
+    expected = np.zeros((32, 2, 64))
+    expected[[3, 31]] = 1
+    assert_allclose(kc.reshape(32, 2, 64), expected, atol=0, what="write into mx.zeros")
+
+
+def test_reshape_and_cache_kernel_bad_input():
+    kc = vc = mx.zeros((4, 8, 2, 64))
+    x = mx.zeros((3, 2, 64))
+    call = pa.reshape_and_cache
+    for slots in ([0, 1, 32], [5, -1, 5], mx.array([0, 40, 1]), [0, 1]):
+        with pytest.raises(ValueError):
+            call(x, x, kc, vc, slots, stream=mx.cpu)
+    with pytest.raises(ValueError):
+        call(mx.zeros((3, 4, 8)), x, kc, vc, [0, 1, 2])
+    with pytest.raises(TypeError):
+        call(x.astype(mx.float16), x, kc, vc, [0, 1, 2])
+    with pytest.raises(TypeError):
+        call(x, x, kc, vc, mx.array([0, 1, 2], dtype=mx.uint32))
+    new_k, _ = call(x, x, kc, vc, mx.array([0, 40, 1]) * 1, stream=mx.cpu)  # checked in the task
+    with pytest.raises(RuntimeError, match="reshape_and_cache: slot_mapping"):
+        mx.eval(new_k)
+
+
+@pytest.mark.metal
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("view", ["contiguous", "transposed"])
+def test_reshape_and_cache_kernel_metal_through_harness(dtype, view):
+    from tiny_llm_common.metal_dispatch import run_plan, values_of
+
+    _metalsim()
+    key, value, kc, vc, slots = write_case(62, dtype)
+    args = list(write_args(key, value, kc, vc, slots, dtype))
+    if view == "transposed":  # a cache that is a strided view: the copy must follow strides
+        args[2] = mx.array(kc.transpose(1, 0, 2, 3).astype(np.float32)).astype(DTYPES[dtype])
+        args[2] = args[2].transpose(1, 0, 2, 3)
+    plan = ext()._plan_reshape_and_cache(*args)
+    outs = run_plan(metal_source(), plan, None, [(kc.shape, dtype), (vc.shape, dtype)])
+    ek, ev = oracle_write(key, value, kc, vc, slots)
+    for got, expected, old, name in ((outs[0], ek, kc, "key"), (outs[1], ev, vc, "value")):
+        got = values_of(got, dtype)
+        assert_allclose(
+            got,
+            expected,
+            atol=0,
+            what=f"Metal {name} cache after the write" + _unwritten_hint(got, old),
+        )
+
+
+# --- Both kernels together --------------------------------------------------------------------
+def test_kernels_decode_loop():
+    """Write a 37-token prompt, then decode 20 tokens one at a time, rebinding the caches each
+    step as the paged cache does; attention after every step matches the oracle."""
+    rng = np.random.default_rng(63)
+    bs, h_kv, d, n_blocks = 8, 2, 64, 16
+    table = rng.permutation(n_blocks)[:8].tolist()
+    slot = lambda t: table[t // bs] * bs + t % bs  # noqa: E731
+    keys = rng.standard_normal((57, h_kv, d)).astype(np.float32)
+    values = rng.standard_normal((57, h_kv, d)).astype(np.float32)
+    kc = vc = mx.zeros((n_blocks, bs, h_kv, d))
+    kc, vc = pa.reshape_and_cache(
+        mx.array(keys[:37]), mx.array(values[:37]), kc, vc, [slot(t) for t in range(37)]
+    )
+    for n in range(38, 58):
+        k, v = mx.array(keys[n - 1 : n]), mx.array(values[n - 1 : n])
+        kc, vc = pa.reshape_and_cache(k, v, kc, vc, mx.array([slot(n - 1)], dtype=mx.int32))
+        q = rng.standard_normal((1, 4, d)).astype(np.float32)
+        out = pa.paged_attention(
+            mx.array(q), kc, vc, mx.array([table], dtype=mx.int32), mx.array([n]), d**-0.5
+        )
+        s = np.einsum("hgd,thd->hgt", q[0].reshape(h_kv, 2, d), keys[:n]) * d**-0.5
+        p = np.exp(s - s.max(-1, keepdims=True))
+        expected = np.einsum("hgt,thd->hgd", p / p.sum(-1, keepdims=True), values[:n])
+        assert_allclose(out, expected.reshape(1, 4, d), atol=TOL["float32"], what=f"step {n}")
+
+
+# --- On a Mac: the real GPU -------------------------------------------------------------------
+needs_metal = pytest.mark.skipif(
+    not mx.metal.is_available(), reason="no Metal GPU here (the harness tests cover Metal)"
+)
+
+
+@needs_metal
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("d", KERNEL_DIMS)
+def test_gpu_paged_attention(d, dtype):
+    case = make_case(70 + d, [*SMALL, LONG], d=d, dtype=dtype)
+    check_attention(pa.paged_attention(*lazy_args(case), stream=mx.gpu), case, "GPU kernel")
+
+
+@needs_metal
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_gpu_reshape_and_cache(dtype):
+    key, value, kc, vc, slots = write_case(71, dtype)
+    new_k, new_v = pa.reshape_and_cache(
+        *write_args(key, value, kc, vc, slots, dtype), stream=mx.gpu
+    )
+    ek, ev = oracle_write(key, value, kc, vc, slots)
+    assert_allclose(new_k, ek, atol=0, what="GPU key cache")
+    assert_allclose(new_v, ev, atol=0, what="GPU value cache")

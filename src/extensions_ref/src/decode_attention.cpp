@@ -168,29 +168,102 @@ struct Unit {
   int b, kv_head, begin, end; // keys [begin, end) of sequence b
 };
 
-// Scratch space of one thread: the scaled queries of a group, one tile of
-// scores per query head, one K or V row converted to float.
+// Scratch space of one thread: the scaled queries of the group, a tile of
+// scores per query head, and a tile of K or V rows converted to float.
 struct Scratch {
   Scratch(int group, int dim)
-      : queries(group * dim), scores(group * kTile), row(dim) {}
-  std::vector<float> queries, scores, row;
+      : queries(group * dim), scores(group * kTile), rows(kTile * dim) {}
+  std::vector<float> queries, scores, rows;
 };
 
-// Rows of K/V/Q as float. PlainRows is portable C++ the compiler vectorises
-// at whatever the target allows; F16cRows (x86 only) converts float16 rows
-// with the F16C instructions, eight values at a time.
+// ---- 8-wide float vectors ---------------------------------------------------
+// GCC/Clang vector extensions: portable source that becomes one AVX register
+// (x86 with AVX2), two SSE or two NEON registers elsewhere.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+#if defined(__clang__) || __GNUC__ >= 12
+#define SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, i32x8{__VA_ARGS__})
+#endif
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v)); // unaligned load
+  return v;
+}
+
+inline void store8(float* p, f32x8 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+inline f32x8 splat8(float x) {
+  return f32x8{x, x, x, x, x, x, x, x};
+}
+
+// {sum(v[0]), ..., sum(v[7])}: eight horizontal sums in 7 adds, pairing
+// neighbours three times, instead of reducing each vector on its own.
+inline f32x8 sum8x8(const f32x8* v) {
+  f32x8 t[4];
+  for (int i = 0; i < 4; ++i) {
+    const f32x8 a = v[2 * i];
+    const f32x8 b = v[2 * i + 1];
+    t[i] = SHUFFLE8(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
+        SHUFFLE8(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  f32x8 u[2];
+  for (int i = 0; i < 2; ++i) {
+    const f32x8 a = t[2 * i];
+    const f32x8 b = t[2 * i + 1];
+    u[i] = SHUFFLE8(a, b, 0, 1, 8, 9, 4, 5, 12, 13) +
+        SHUFFLE8(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  return SHUFFLE8(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+      SHUFFLE8(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// exp(x) for x <= 0 (scores minus their running maximum), eight at a time:
+// round x / ln 2 to an integer n, take a degree-6 polynomial for exp(r) on
+// r = x - n ln 2 in [-ln2/2, ln2/2] (Cephes' expf coefficients, about 1 ulp),
+// and build 2^n from its exponent bits. Below -87 the result would leave the
+// normal floats: such a weight is 0.
+inline f32x8 exp8_nonpositive(f32x8 x) {
+  const f32x8 lowest = splat8(-87.0f);
+  const i32x8 tiny = x < lowest; // all ones where x < -87
+  x = (f32x8)(((i32x8)x & ~tiny) | ((i32x8)lowest & tiny));
+  // Adding 1.5 * 2^23 rounds to an integer, which lands in the low bits.
+  const f32x8 t = x * splat8(1.44269504f) + splat8(12582912.0f);
+  const f32x8 n = t - splat8(12582912.0f);
+  const i32x8 pow2 = ((i32x8)t - 0x4B400000 + 127) << 23; // bits of 2^n
+  const f32x8 r = (x - n * splat8(0.693359375f)) + n * splat8(2.12194440e-4f);
+  f32x8 p = splat8(1.9875691500e-4f);
+  p = p * r + splat8(1.3981999507e-3f);
+  p = p * r + splat8(8.3334519073e-3f);
+  p = p * r + splat8(4.1665795894e-2f);
+  p = p * r + splat8(1.6666665459e-1f);
+  p = p * r + splat8(5.0000001201e-1f);
+  p = (p * r * r + r) + splat8(1.0f);
+  return (f32x8)((i32x8)(p * (f32x8)pow2) & ~tiny);
+}
+
+// ---- rows of K, V and Q as float --------------------------------------------
+// PlainRows is portable C++; F16cRows (x86 only) converts float16 with the
+// F16C instructions, eight values at a time.
 struct PlainRows {
+  // D values of the row at src (elements `stride` apart) as floats: the row
+  // itself when it already is contiguous float32, else converted into buf.
   template <typename T, int D>
   static const float* load(const T* src, int64_t stride, float* buf) {
     if constexpr (std::is_same_v<T, float>) {
       if (stride == 1) {
-        return src; // already what we need: no copy
+        return src;
       }
       for (int d = 0; d < D; ++d) {
         buf[d] = src[d * stride];
       }
     } else if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
-      // bfloat16 is the top half of a float32.
+      // A bfloat16 is the top half of a float32.
       const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
       for (int d = 0; d < D; ++d) {
         uint32_t u = uint32_t(bits[d * stride]) << 16;
@@ -224,62 +297,49 @@ struct F16cRows {
 };
 #endif
 
-// 32 independent partial sums: the compiler turns them into vector lanes
-// without needing permission to reorder one float sum (-ffast-math), and
-// with four (AVX) or eight (SSE) registers of them the multiply-adds do not
-// wait for each other.
+// ---- one work unit ------------------------------------------------------------
+
+// Scores of keys k[0..7] against one query: eight dot products, the partial
+// sums kept per key in a vector and added across at the end.
 template <int D>
-inline float dot(const float* a, const float* b) {
-  static_assert(D % 32 == 0);
-  float lanes[32] = {};
-  for (int d = 0; d < D; d += 32) {
-    for (int j = 0; j < 32; ++j) {
-      lanes[j] += a[d + j] * b[d + j];
+inline f32x8 scores8(const float* q, const float* const* k) {
+  f32x8 acc[8];
+  for (int i = 0; i < 8; ++i) {
+    acc[i] = splat8(0.0f);
+  }
+  for (int d = 0; d < D; d += 8) {
+    const f32x8 qd = load8(q + d);
+    for (int i = 0; i < 8; ++i) {
+      acc[i] += qd * load8(k[i] + d);
     }
   }
-  float eight[8];
-  for (int j = 0; j < 8; ++j) {
-    eight[j] = (lanes[j] + lanes[j + 8]) + (lanes[j + 16] + lanes[j + 24]);
+  return sum8x8(acc);
+}
+
+// acc[0..D) += sum over i < n of w[i] * v[i][0..D), 64 columns at a time so
+// the running sums stay in registers while the n rows stream past.
+template <int D>
+inline void weighted_rows(
+    float* acc, const float* w, const float* const* v, int n) {
+  for (int d0 = 0; d0 < D; d0 += 64) {
+    f32x8 a[8];
+    for (int j = 0; j < 8; ++j) {
+      a[j] = load8(acc + d0 + 8 * j);
+    }
+    for (int i = 0; i < n; ++i) {
+      const f32x8 wi = splat8(w[i]);
+      for (int j = 0; j < 8; ++j) {
+        a[j] += wi * load8(v[i] + d0 + 8 * j);
+      }
+    }
+    for (int j = 0; j < 8; ++j) {
+      store8(acc + d0 + 8 * j, a[j]);
+    }
   }
-  return ((eight[0] + eight[4]) + (eight[1] + eight[5])) +
-      ((eight[2] + eight[6]) + (eight[3] + eight[7]));
 }
 
-// exp(x) for x <= 0 (scores minus their running maximum), written so the
-// compiler can vectorise a loop of them: round x / ln 2 to an integer n, take
-// a degree-6 polynomial for exp(r) on r = x - n ln 2 in [-ln2/2, ln2/2]
-// (Cephes' expf coefficients, about 1 ulp), and build 2^n from its exponent
-// bits. x is clamped at -87 (exp(-87) ~ 1.6e-38, the smallest normal float
-// region): a weight that small is nothing next to the maximum's weight of 1.
-inline float exp_nonpositive(float x) {
-  // The clamp compares bit patterns (for x <= 0 a larger pattern is a more
-  // negative float): GCC does not vectorise a float comparison here.
-  uint32_t x_bits;
-  std::memcpy(&x_bits, &x, sizeof(float));
-  x_bits = std::min(x_bits, 0xC2AE0000u); // -87.0f
-  float xc;
-  std::memcpy(&xc, &x_bits, sizeof(float));
-  // Adding 1.5 * 2^23 rounds to an integer, which then sits in the low bits.
-  const float t = xc * 1.44269504f + 12582912.0f;
-  const float n = t - 12582912.0f;
-  uint32_t t_bits;
-  std::memcpy(&t_bits, &t, sizeof(float));
-  const uint32_t pow2_bits = (t_bits - 0x4B400000u + 127u) << 23; // 2^n
-  float pow2;
-  std::memcpy(&pow2, &pow2_bits, sizeof(float));
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = (p * r * r + r) + 1.0f;
-  return p * pow2;
-}
-
-// One work unit: keys [unit.begin, unit.end) of one (sequence, KV head), for
-// every query head of the group. `state` receives m[G], l[G], acc[G][D].
+// Keys [unit.begin, unit.end) of one (sequence, KV head), for every query
+// head of the group. `state` receives m[G], l[G], acc[G][D].
 template <typename T, int D, class Rows>
 void attend_unit(
     const Problem<T>& p, const Unit& unit, float* state, Scratch& scratch) {
@@ -289,12 +349,12 @@ void attend_unit(
   float* acc = state + 2 * G;
   float* q = scratch.queries.data();
   float* scores = scratch.scores.data();
-  float* row = scratch.row.data();
+  float* rows = scratch.rows.data();
 
   for (int g = 0; g < G; ++g) {
     const T* q_row = p.query + unit.b * p.q_strides[0] +
         int64_t(unit.kv_head * G + g) * p.q_strides[1];
-    const float* qf = Rows::template load<T, D>(q_row, p.q_strides[2], row);
+    const float* qf = Rows::template load<T, D>(q_row, p.q_strides[2], rows);
     for (int d = 0; d < D; ++d) {
       q[g * D + d] = qf[d] * p.scale;
     }
@@ -307,20 +367,26 @@ void attend_unit(
       p.key + unit.b * p.k_strides[0] + unit.kv_head * p.k_strides[1];
   const T* v_seq =
       p.value + unit.b * p.v_strides[0] + unit.kv_head * p.v_strides[1];
+  const float* row[kTile]; // the tile's rows as float (maybe in `rows`)
   for (int t0 = unit.begin; t0 < unit.end; t0 += kTile) {
     const int n = std::min(kTile, unit.end - t0);
-    // Scores of this tile of keys, for every query head.
-    for (int i = 0; i < n; ++i) {
-      const float* k = Rows::template load<T, D>(
-          k_seq + (t0 + i) * p.k_strides[2], p.k_strides[3], row);
-      for (int g = 0; g < G; ++g) {
-        scores[g * kTile + i] = dot<D>(q + g * D, k);
+    // 1. Scores of this tile of keys, for every query head. A partial tile
+    //    repeats its last key; those scores are dropped below.
+    for (int i = 0; i < kTile; ++i) {
+      const int t = t0 + std::min(i, n - 1);
+      row[i] = Rows::template load<T, D>(
+          k_seq + t * p.k_strides[2], p.k_strides[3], rows + i * D);
+    }
+    for (int g = 0; g < G; ++g) {
+      for (int i = 0; i < kTile; i += 8) {
+        store8(scores + g * kTile + i, scores8<D>(q + g * D, row + i));
       }
     }
-    // Online softmax: move each head's running sums to the new maximum
-    // (once per tile, not per key), then turn scores into weights.
+    // 2. Online softmax: move each head's running sums to the new maximum
+    //    (once per tile, not once per key), then turn scores into weights.
     for (int g = 0; g < G; ++g) {
       float* s = scores + g * kTile;
+      std::fill(s + n, s + kTile, kLowest); // repeated keys: weight 0
       float tile_max = s[0];
       for (int i = 1; i < n; ++i) {
         tile_max = std::max(tile_max, s[i]);
@@ -333,31 +399,23 @@ void attend_unit(
           acc[g * D + d] *= correction;
         }
       }
-      for (int i = 0; i < kTile; ++i) { // the whole tile: one vector loop
-        s[i] = exp_nonpositive(s[i] - m_new);
-      }
-      std::fill(s + n, s + kTile, 0.0f); // a last, partial tile
-      float sums[8] = {};
+      f32x8 sum = splat8(0.0f);
       for (int i = 0; i < kTile; i += 8) {
-        for (int j = 0; j < 8; ++j) {
-          sums[j] += s[i + j];
-        }
+        const f32x8 w = exp8_nonpositive(load8(s + i) - splat8(m_new));
+        store8(s + i, w);
+        sum += w;
       }
-      l[g] += ((sums[0] + sums[4]) + (sums[1] + sums[5])) +
-          ((sums[2] + sums[6]) + (sums[3] + sums[7]));
+      l[g] += ((sum[0] + sum[4]) + (sum[1] + sum[5])) +
+          ((sum[2] + sum[6]) + (sum[3] + sum[7]));
       m[g] = m_new;
     }
-    // Weighted values.
+    // 3. Weighted values.
     for (int i = 0; i < n; ++i) {
-      const float* v = Rows::template load<T, D>(
-          v_seq + (t0 + i) * p.v_strides[2], p.v_strides[3], row);
-      for (int g = 0; g < G; ++g) {
-        const float w = scores[g * kTile + i];
-        float* a = acc + g * D;
-        for (int d = 0; d < D; ++d) {
-          a[d] += w * v[d];
-        }
-      }
+      row[i] = Rows::template load<T, D>(
+          v_seq + (t0 + i) * p.v_strides[2], p.v_strides[3], rows + i * D);
+    }
+    for (int g = 0; g < G; ++g) {
+      weighted_rows<D>(acc + g * D, scores + g * kTile, row, n);
     }
   }
 }
