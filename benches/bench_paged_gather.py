@@ -60,8 +60,9 @@ def one_context(args, context: int) -> dict:
     tables = mx.array(rng.permutation(num_blocks).reshape(B, per_seq).astype(np.int32))
     lens = mx.array([context] * B, dtype=mx.int32)
     q = mx.array(rng.standard_normal((B, hq, d)).astype(np.float32))
-    k, v = gather_kv_batch(kc, vc, tables)  # the same tokens, contiguous
-    k, v = k[:, :, :context], v[:, :, :context]
+    k, v = gather_kv_batch(kc, vc, tables)  # the same tokens, laid out [B, H_kv, S, D] ...
+    # ... in fresh row-major arrays (a transposed view would make attention copy it each time)
+    k, v = (mx.array(np.ascontiguousarray(np.array(x)[:, :, :context])) for x in (k, v))
     mx.eval(kc, vc, tables, lens, q, k, v)
     scale = d**-0.5
 

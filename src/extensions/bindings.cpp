@@ -71,6 +71,13 @@ nb::list plan_to_list(const std::vector<tiny_llm::Command>& commands) {
 
 } // namespace
 
+namespace tiny_llm {
+void register_decode_attention( // decode_attention_bindings.cpp
+    nb::module_& m, nb::list (*plan_to_list)(const std::vector<Command>&));
+void register_paged_attention( // paged_attention_bindings.cpp
+    nb::module_& m, nb::list (*plan_to_list)(const std::vector<Command>&));
+} // namespace tiny_llm
+
 NB_MODULE(_ext, m) {
   m.doc() = "tiny-llm-paged's MLX C++/Metal extension";
 
@@ -105,4 +112,7 @@ NB_MODULE(_ext, m) {
       "up"_a,
       "The Metal commands eval_gpu would encode for swiglu(gate, up), as a "
       "list of dicts for tiny_llm_common.metal_dispatch.run_plan.");
+
+  tiny_llm::register_decode_attention(m, plan_to_list);
+  tiny_llm::register_paged_attention(m, plan_to_list);
 }

@@ -98,6 +98,8 @@ def gather_kv_batch(
     # 2. Index the cache with the [B, max_blocks] ids: cache[ids] is
     #    [B, max_blocks, block_size, H_kv, D]. Merge the two middle axes into one of
     #    max_blocks * block_size slots and move the head axis before it: [B, H_kv, S, D].
+    #    Make that a row-major copy (mx.contiguous): attention's matmuls on the transposed
+    #    view are several times slower on a CPU.
     # 3. Do it for keys and values; return (k, v).
     raise NotImplementedError(
         "Week 3 Day 2, task 1: implement `gather_kv_batch` in src/tiny_llm/paged_attention.py"
@@ -213,22 +215,98 @@ def reshape_and_cache_mlx(
     if key.shape[0] == 0:
         return key_cache, value_cache
     # TODO(Week 3 Day 2, task 3):
-    # 1. View each cache as [num_blocks * block_size, H_kv, D] (reshape) so that a slot number
-    #    indexes one row, write with `flat[slots] = x` (a scatter) and reshape back.
-    # 2. Slots outside [0, n_slots) must be skipped, but MLX's scatter has no "skip" and wraps
-    #    -1 to the last row. Without reading `slots` on the host, redirect each skipped token:
-    #    valid = (slots >= 0) & (slots < n_slots); first = the first valid token
-    #    (mx.argmax(valid.astype(mx.int32))); a skipped token writes x[first] to slots[first],
-    #    the same write the first valid token makes, so the order of writes does not matter.
-    #    With no valid token at all (valid[first] is False) write flat[0] back to slot 0.
+    # 1. View each cache as [num_blocks * block_size, H_kv, D] (reshape): a slot number then
+    #    indexes one row. Scatter the tokens' rows into it and reshape back.
+    # 2. Slots outside [0, n_slots) must be skipped, but MLX's scatter has no "skip" (it wraps
+    #    -1 to the last row), and reading the pool here would stop MLX from writing in place.
+    #    Write as old * 0 + new with two scatters that read nothing:
+    #    valid = (slots >= 0) & (slots < n_slots); target = slot, or 0 where not valid;
+    #    flat = flat.at[target].multiply(0 where valid, 1 where not)   (broadcast to x's shape)
+    #    flat = flat.at[target].add(x where valid, 0 where not)
+    #    A skipped token multiplies slot 0 by 1 and adds 0: nothing changes.
     # 3. Return (new key cache, new value cache).
     raise NotImplementedError(
         "Week 3 Day 2, task 3: implement `reshape_and_cache_mlx` in src/tiny_llm/paged_attention.py"
     )
 
 
-# -- the kernels (Week 3 Day 2, kernel tasks) --------------------------------------------------
-# The paged cache (paged_kv_cache.py) calls these two names in every layer. Until the extension
-# provides them they are the pure-MLX versions above; the kernel wrappers replace these lines.
-paged_attention = paged_attention_mlx  # replaced by the kernel wrapper
-reshape_and_cache = reshape_and_cache_mlx  # replaced by the kernel wrapper
+# -- the kernels (Week 3 Day 2, tasks 4-6; the wrappers are provided) --------------------------
+# The extension's ops (src/extensions/src/paged_attention*.cpp/.metal). They check shapes and
+# dtypes in C++ before building a node. Index values: host data is checked here, as above; an
+# mx.array that is already computed is checked by the C++ op at once (reading it waits for
+# nothing); one still being computed is checked by the CPU kernel before it reads the pool
+# (a RuntimeError from mx.eval), and on the GPU a bad id or length gives NaN, never a read
+# outside the pool. The paged cache calls these two names in every layer.
+KERNEL_HEAD_DIMS = (64, 128)
+
+
+def _extension():
+    from .kernels import extension
+
+    return extension()._ext
+
+
+def _checked_tables(block_tables, context_lens, num_blocks: int, block_size: int):
+    """(block_tables, context_lens) as int32 mx.arrays; host data checked value by value."""
+    tables, host_tables = _index_array("block_tables", block_tables, 2)
+    lens, host_lens = _index_array("context_lens", context_lens, 1)
+    if host_tables is not None or host_lens is not None:
+        host_tables = np.array(tables) if host_tables is None else host_tables
+        host_lens = np.array(lens) if host_lens is None else host_lens
+        if host_tables.shape[0] != host_lens.shape[0]:
+            raise ValueError(
+                f"block_tables {host_tables.shape} and context_lens {host_lens.shape} "
+                "must have one row per sequence"
+            )
+        _check_tables(host_tables, host_lens, num_blocks, block_size)
+    return tables, lens
+
+
+def paged_attention(
+    query: mx.array,
+    key_cache: mx.array,
+    value_cache: mx.array,
+    block_tables,
+    context_lens,
+    scale: float,
+    *,
+    stream: mx.Stream | mx.Device | None = None,
+) -> mx.array:
+    """`paged_attention_mlx` as one kernel that reads K/V through the tables (no gather).
+
+    float32, float16, bfloat16. Every context must be in [1, max_blocks * block_size] and use
+    block ids in [0, num_blocks). The kernel is built for head dims 64 and 128 (the course's
+    models); other head dims (the tests' tiny models) run `paged_attention_mlx`.
+    """
+    num_blocks, block_size, _, head_dim = _check_pool(key_cache, value_cache)
+    if head_dim not in KERNEL_HEAD_DIMS:
+        args = (query, key_cache, value_cache, block_tables, context_lens, scale)
+        if stream is None:
+            return paged_attention_mlx(*args)
+        with mx.stream(stream):
+            return paged_attention_mlx(*args)
+    tables, lens = _checked_tables(block_tables, context_lens, num_blocks, block_size)
+    return _extension().paged_attention(
+        query, key_cache, value_cache, tables, lens, float(scale), stream=stream
+    )
+
+
+def reshape_and_cache(
+    key: mx.array,
+    value: mx.array,
+    key_cache: mx.array,
+    value_cache: mx.array,
+    slot_mapping,
+    *,
+    stream: mx.Stream | mx.Device | None = None,
+) -> tuple[mx.array, mx.array]:
+    """`reshape_and_cache_mlx` as one kernel. The new caches take over the old ones' memory
+    when nothing else references them (rebind: `kc, vc = reshape_and_cache(k, v, kc, vc, s)`),
+    so storing T tokens costs T rows, not a copy of the pool. Slots must be < the pool's
+    slot count and distinct; negative slots are skipped."""
+    _check_pool(key_cache, value_cache)
+    slots, _ = _index_array("slot_mapping", slot_mapping, 1)  # host values: checked in C++
+    new_key_cache, new_value_cache = _extension().reshape_and_cache(
+        key, value, key_cache, value_cache, slots, stream=stream
+    )
+    return new_key_cache, new_value_cache

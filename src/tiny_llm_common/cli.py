@@ -24,15 +24,15 @@ SOLUTIONS = ("tiny_llm_ref", "tiny_llm")
 CACHE_KINDS = ("none", "contiguous", "paged")
 # What each cache needs from the solution package; the message when it is missing.
 CACHE_NEEDS = {
-    "contiguous": "Week 2 Day 1 (the contiguous KV cache: `generate_with_cache` in generate.py)",
-    "paged": "Week 3 (the paged KV cache: `generate_with_cache` with cache_kind='paged')",
+    "contiguous": "Week 2 Day 1 (the contiguous KV cache: `generate_with_cache` in decode.py)",
+    "paged": "Week 3 Day 3 (the paged KV cache: `generate_with_cache` in decode.py)",
 }
 # Where each public name lives if the package's __init__ does not re-export it.
 _MODULE_OF = {
     "Model": "model",
     "make_sampler": "sampler",
     "simple_generate": "generate",
-    "generate_with_cache": "generate",
+    "generate_with_cache": "decode",
 }
 
 
@@ -166,10 +166,8 @@ def _generate(sol, model, tokenizer, prompt_ids, args, sampler, cache: str | Non
             if kind == "none" or stream.times:
                 raise
             if cache:
-                detail = f": {e}" if str(e) else ""
-                raise CliError(
-                    f"--cache {kind} needs {CACHE_NEEDS.get(kind, kind)}{detail}"
-                ) from None
+                message = str(e) or f"needs {CACHE_NEEDS.get(kind, kind)}"
+                raise CliError(f"--cache {kind}: {message}") from None
             skipped.append(kind)
             continue
         if skipped:

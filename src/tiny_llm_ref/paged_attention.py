@@ -97,7 +97,8 @@ def gather_kv_batch(
 
     def gather(cache):  # [B, max_blocks, block_size, H, D] -> [B, H, S, D]
         blocks = cache[ids].reshape(batch, width * block_size, h_kv, d)
-        return blocks.transpose(0, 2, 1, 3)
+        # A row-major copy: matmuls on the transposed view are several times slower on a CPU.
+        return mx.contiguous(blocks.transpose(0, 2, 1, 3))
 
     return gather(key_cache), gather(value_cache)
 
@@ -207,18 +208,19 @@ def reshape_and_cache_mlx(
         return key_cache, value_cache
 
     valid = (slots >= 0) & (slots < n_slots)
-    # MLX's scatter has no "skip" index (and wraps -1 to the last slot). A skipped token writes
-    # instead exactly what the first valid token writes, to the same slot: equal duplicate
-    # writes give the same result in any order. With no valid token at all it rewrites slot 0
-    # with its own contents.
-    first = mx.argmax(valid.astype(mx.int32))
-    has_valid = valid[first]
-    target = mx.where(valid, slots, mx.where(has_valid, slots[first], 0))
+    # MLX's scatter has no "skip" index (and wraps -1 to the last slot). Writing a skipped
+    # slot's old value back would mean reading the pool in the same graph, and that read can
+    # still hold the pool's buffer when the write runs: MLX then copies the whole pool instead
+    # of writing in place. So write as old * 0 + new, in two scatters that read nothing: a
+    # skipped token points at slot 0, multiplies it by 1, then adds 0. Exact for any finite
+    # old value, whatever order duplicate indices are applied in.
+    target = mx.where(valid, slots, 0)
+    keep = mx.where(valid, 0, 1).astype(key_cache.dtype)[:, None, None]  # [T, 1, 1]
 
     def write(cache, x):
         flat = cache.reshape(n_slots, h_kv, d)
-        filler = mx.where(has_valid, x[first], flat[0])
-        flat[target] = mx.where(valid[:, None, None], x, filler)
+        flat = flat.at[target].multiply(mx.broadcast_to(keep, x.shape))
+        flat = flat.at[target].add(mx.where(valid[:, None, None], x, mx.zeros_like(x)))
         return flat.reshape(cache.shape)
 
     return write(key_cache, key), write(value_cache, value)

@@ -30,6 +30,18 @@ mx::array decode_attention(
     float scale,
     mx::StreamOrDevice s = {});
 
+// The CPU kernel (decode_attention_cpu.cpp): writes `out` (allocated,
+// [B, H_q, D]) from evaluated inputs {query, key, value, lengths}. It runs in
+// the task eval_cpu queues, and throws std::out_of_range, before reading any
+// K/V, if a length lies outside [0, S].
+void decode_attention_cpu(
+    const mx::array& query,
+    const mx::array& key,
+    const mx::array& value,
+    const mx::array& lengths,
+    mx::array& out,
+    float scale);
+
 // The Metal dispatch for evaluated inputs {query, key, value, lengths}: what
 // eval_gpu encodes on a Mac and plan_decode_attention records everywhere.
 void encode_decode_attention(

@@ -41,6 +41,11 @@
 #define TINY_LLM_X86_DISPATCH 0
 #endif
 
+#if defined(__GNUC__) && !defined(__clang__)
+// The 8-wide vectors only cross always-inlined calls: no ABI to keep stable.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #if defined(__GNUC__) || defined(__clang__)
 #define TINY_LLM_INLINE inline __attribute__((always_inline))
 #else
@@ -194,17 +199,50 @@ TINY_LLM_INLINE f32x8 splat8(float x) {
   return f32x8{x, x, x, x, x, x, x, x};
 }
 
+TINY_LLM_INLINE float sum8(f32x8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// q . k[j] for four keys at once: four independent chains of multiply-adds
+// keep the floating-point units busy while each chain waits for its last.
 template <int D>
-TINY_LLM_INLINE float dot(const float* a, const float* b) {
-  f32x8 s0 = splat8(0.0f);
-  f32x8 s1 = splat8(0.0f);
-  for (int i = 0; i < D; i += 16) {
-    s0 += load8(a + i) * load8(b + i);
-    s1 += load8(a + i + 8) * load8(b + i + 8);
+TINY_LLM_INLINE void dot4(const float* q, const float* const k[4], float* out) {
+  f32x8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0;
+  for (int i = 0; i < D; i += 8) {
+    const f32x8 qi = load8(q + i);
+    a0 += qi * load8(k[0] + i);
+    a1 += qi * load8(k[1] + i);
+    a2 += qi * load8(k[2] + i);
+    a3 += qi * load8(k[3] + i);
   }
-  s0 += s1;
-  return ((s0[0] + s0[4]) + (s0[1] + s0[5])) +
-      ((s0[2] + s0[6]) + (s0[3] + s0[7]));
+  out[0] = sum8(a0);
+  out[1] = sum8(a1);
+  out[2] = sum8(a2);
+  out[3] = sum8(a3);
+}
+
+// acc = acc * c + sum_t w[t] * v[t] over n rows, 64 columns at a time held in
+// registers (so acc is loaded and stored once per chunk, not once per row).
+template <int D>
+TINY_LLM_INLINE void accumulate(
+    float* acc, float c, const float* w, const float* const* v, int offset, int n) {
+  for (int col = 0; col < D; col += 64) {
+    constexpr int kVectors = (D < 64 ? D : 64) / 8;
+    f32x8 a[kVectors];
+    for (int i = 0; i < kVectors; ++i) {
+      a[i] = load8(acc + col + 8 * i) * splat8(c);
+    }
+    for (int t = 0; t < n; ++t) {
+      const f32x8 wt = splat8(w[t]);
+      const float* vt = v[t] + offset + col;
+      for (int i = 0; i < kVectors; ++i) {
+        a[i] += wt * load8(vt + 8 * i);
+      }
+    }
+    for (int i = 0; i < kVectors; ++i) {
+      store8(acc + col + 8 * i, a[i]);
+    }
+  }
 }
 
 // exp(x) for x <= 0, 8 at a time (the loop over keys calls it for every
@@ -265,7 +303,7 @@ bool cpu_has_avx2_fma_f16c() {
 // A row of n elements of T as float32: float32 rows are used in place, others
 // are converted into `buffer` (once per row, however many heads read it).
 template <typename T, bool kF16C>
-TINY_LLM_INLINE const float* row_as_float(const T* src, float* buffer, int n) {
+TINY_LLM_INLINE const float* row_as_float(const T* src, float* buffer, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     (void)buffer;
     (void)n;
@@ -273,7 +311,7 @@ TINY_LLM_INLINE const float* row_as_float(const T* src, float* buffer, int n) {
   } else if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
     // bfloat16 is the top half of a float32: shift the bits into place.
     const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-    for (int i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i) {
       uint32_t u = uint32_t(bits[i]) << 16;
       std::memcpy(buffer + i, &u, sizeof(u));
     }
@@ -289,6 +327,19 @@ TINY_LLM_INLINE const float* row_as_float(const T* src, float* buffer, int n) {
       buffer[i] = static_cast<float>(src[i]);
     }
     return buffer;
+  }
+}
+
+// n elements of T as float32 in `buffer`: a chunk of rows is read once, front to
+// back (the access the hardware prefetcher follows best), and every head then
+// reads it from the L1 cache. float16 and bfloat16 are converted on the way.
+template <typename T, bool kF16C>
+TINY_LLM_INLINE const float* stage(const T* src, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(buffer, src, n * sizeof(float));
+    return buffer;
+  } else {
+    return row_as_float<T, kF16C>(src, buffer, n);
   }
 }
 
@@ -338,6 +389,7 @@ TINY_LLM_INLINE void prefetch_row(const T* row, int64_t elements) {
 
 template <typename T, int D, bool kF16C>
 TINY_LLM_INLINE void attend_item(const Problem& p, const Item& it) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
   const int H = p.num_heads;
   const int G = p.group;
   const int64_t row = int64_t(p.num_kv_heads) * D; // elements between tokens
@@ -347,21 +399,25 @@ TINY_LLM_INLINE void attend_item(const Problem& p, const Item& it) {
   const T* keys = static_cast<const T*>(p.key_cache);
   const T* values = static_cast<const T*>(p.value_cache);
 
-  // The queries in float32, scaled once.
+  // The queries in float32, scaled once; room for a chunk of rows in float32
+  // (used only when T is not float32) and one row of zeros.
   std::vector<float> q(size_t(H) * D);
   std::vector<float> scores(size_t(H) * kChunk);
-  std::vector<float> row_buffer(row);
+  std::vector<float> c(H); // per head: how much this chunk rescales acc
+  std::vector<float> converted(size_t(kChunk + 1) * row, 0.0f);
+  const float* zeros = converted.data() + kChunk * row;
   const T* q_src = static_cast<const T*>(p.query) + int64_t(it.seq) * H * D;
   for (int h = 0; h < H; ++h) {
-    const float* qh = row_as_float<T, kF16C>(q_src + h * D, row_buffer.data(), D);
+    const float* qh = row_as_float<T, kF16C>(q_src + h * D, converted.data(), D);
     for (int i = 0; i < D; ++i) {
       q[h * D + i] = qh[i] * p.scale;
     }
-    it.m[h] = -std::numeric_limits<float>::infinity();
+    it.m[h] = -kInf;
     it.l[h] = 0.0f;
   }
   std::fill(it.acc, it.acc + size_t(H) * D, 0.0f);
 
+  const float* rows[kChunk]; // the chunk's keys, then its values, as float32
   for (int j = it.first_block; j < it.last_block; ++j) {
     // The block table at work: logical block j of this sequence lives in
     // physical block table[j] of the pool.
@@ -372,58 +428,57 @@ TINY_LLM_INLINE void attend_item(const Problem& p, const Item& it) {
     for (int r0 = 0; r0 < in_block; r0 += kChunk) {
       const int n = std::min(kChunk, in_block - r0);
       // 1. scores of n keys for every query head; query head h reads KV
-      //    head h / G of the row
-      for (int t = 0; t < n; ++t) {
-        const int64_t at = (r0 + t) * row;
-        if (next >= 0) {
-          prefetch_row(keys + next + at, row);
-        }
-        const float* k = row_as_float<T, kF16C>(keys + start + at, row_buffer.data(), row);
-        for (int h = 0; h < H; ++h) {
-          scores[h * kChunk + t] = dot<D>(&q[h * D], k + (h / G) * D);
-        }
+      //    head h / G of a row. Rows past n point at zeros.
+      const float* chunk =
+          stage<T, kF16C>(keys + start + r0 * row, converted.data(), n * row);
+      for (int t = 0; t < kChunk; ++t) {
+        rows[t] = t < n ? chunk + t * row : zeros;
       }
-      for (int t = n; t < kChunk; ++t) {
+      for (int t = 0; t < n; t += 4) {
+        for (int u = t; u < std::min(n, t + 4) && next >= 0; ++u) {
+          prefetch_row(keys + next + (r0 + u) * row, row);
+        }
         for (int h = 0; h < H; ++h) {
-          scores[h * kChunk + t] = -std::numeric_limits<float>::infinity();
+          const int offset = (h / G) * D;
+          const float* k[4] = {
+              rows[t] + offset,
+              rows[t + 1] + offset,
+              rows[t + 2] + offset,
+              rows[t + 3] + offset};
+          dot4<D>(&q[h * D], k, &scores[h * kChunk + t]);
         }
       }
       // 2. online softmax: a new maximum rescales what was summed so far
       for (int h = 0; h < H; ++h) {
         float* s = &scores[h * kChunk];
+        for (int t = n; t < kChunk; ++t) {
+          s[t] = -kInf; // padding keys weigh 0
+        }
         float m_new = it.m[h];
         for (int t = 0; t < n; ++t) {
           m_new = std::max(m_new, s[t]);
         }
-        const float correction = std::exp(it.m[h] - m_new); // 0 at the start
-        // Whole vectors: the lanes past n were set to -inf, so they add 0.
-        f32x8 sum8 = splat8(0.0f);
+        c[h] = std::exp(it.m[h] - m_new); // 0 at the start
+        f32x8 total = splat8(0.0f);
         for (int t = 0; t < n; t += 8) {
           f32x8 e = exp8(load8(s + t) - splat8(m_new));
           store8(s + t, e);
-          sum8 += e;
+          total += e;
         }
-        const float sum = ((sum8[0] + sum8[4]) + (sum8[1] + sum8[5])) +
-            ((sum8[2] + sum8[6]) + (sum8[3] + sum8[7]));
-        it.l[h] = it.l[h] * correction + sum;
+        it.l[h] = it.l[h] * c[h] + sum8(total);
         it.m[h] = m_new;
-        if (correction != 1.0f) {
-          float* acc = it.acc + h * D;
-          for (int i = 0; i < D; ++i) {
-            acc[i] *= correction;
-          }
-        }
       }
-      // 3. weighted values
+      // 3. weighted values; the next block's value rows are requested a
+      //    few at a time, spread over the heads
+      chunk = stage<T, kF16C>(values + start + r0 * row, converted.data(), n * row);
       for (int t = 0; t < n; ++t) {
-        const int64_t at = (r0 + t) * row;
-        if (next >= 0) {
-          prefetch_row(values + next + at, row);
+        rows[t] = chunk + t * row;
+      }
+      for (int h = 0; h < H; ++h) {
+        for (int u = h * n / H; u < (h + 1) * n / H && next >= 0; ++u) {
+          prefetch_row(values + next + (r0 + u) * row, row);
         }
-        const float* v = row_as_float<T, kF16C>(values + start + at, row_buffer.data(), row);
-        for (int h = 0; h < H; ++h) {
-          add_scaled<D>(it.acc + h * D, scores[h * kChunk + t], v + (h / G) * D);
-        }
+        accumulate<D>(it.acc + h * D, c[h], &scores[h * kChunk], rows, (h / G) * D, n);
       }
     }
   }

@@ -1,0 +1,303 @@
+"""The PagedAttention kernel against contiguous K/V, and what paging saves in memory.
+
+Decode attention of B sequences of `context` tokens (SmolLM2-135M's heads: 9 query heads, 3 KV
+heads, head dim 64), on the CPU, with the *same* keys and values laid out two ways:
+
+- contiguous: key/value [B, H_kv, S, D], read by the Week 2 Day 5 kernel
+  (`tiny_llm_ref.decode_attention.decode_attention`) and by MLX's
+  `mx.fast.scaled_dot_product_attention`;
+- paged: a pool [num_blocks, block_size, H_kv, D] whose blocks are handed out in a random order,
+  read through block tables by the Week 3 Day 2 kernel (`paged_attention`), and by the pure-MLX
+  version that gathers the blocks first (`paged_attention_mlx`).
+
+Calls are timed in interleaved rounds (one call of each per round), so a neighbour's load on a
+shared machine hits all of them alike; a ratio is the median of the per-round ratios. The read
+bandwidth the kernel is held to is measured in the same run: NumPy summing a 256 MiB array on 1
+and on 2 threads, the better of the two. Memory waste comes from the seeded workload of
+benches/bench_block_waste.py (its functions, unchanged). The block-size study times the kernel for
+blocks of 8 to 128 tokens and plots time and waste to book/src/images/week3-paged-block-size.png.
+
+Run: pdm run bench-paged [--batch 8] [--context 4096] [--rounds 15] [--no-plot]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from tiny_llm_common.workload import make_workload
+from tiny_llm_ref.decode_attention import decode_attention
+from tiny_llm_ref.paged_attention import paged_attention, paged_attention_mlx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_block_waste as waste  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOT = ROOT / "book" / "src" / "images" / "week3-paged-block-size.png"
+H_Q, H_KV, D = 9, 3, 64
+BLOCK_SIZES = waste.BLOCK_SIZES  # (8, 16, 32, 64, 128)
+DTYPES = {"float32": mx.float32, "float16": mx.float16}
+
+
+def read_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Bytes/s NumPy reads summing a float32 array, the better of 1 and 2 threads."""
+    a = np.ones(mib * 2**20 // 4, dtype=np.float32)
+    best = 0.0
+    for threads in (1, 2):
+        parts = np.array_split(a, threads)
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                list(pool.map(np.add.reduce, parts))
+                best = max(best, a.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def block_tables(batch: int, context: int, block_size: int, seed: int) -> np.ndarray:
+    """[batch, context / block_size] int32: every block of the pool, in a random order."""
+    per_seq = context // block_size
+    rng = np.random.default_rng(seed)
+    return rng.permutation(batch * per_seq).astype(np.int32).reshape(batch, per_seq)
+
+
+def paged_layout(x: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """x [B, H, S, D] as a pool [num_blocks, block_size, H, D] laid out by `table`."""
+    b, h, s, d = x.shape
+    per_seq = table.shape[1]
+    bs = s // per_seq
+    blocks = x.reshape(b, h, per_seq, bs, d).transpose(0, 2, 3, 1, 4)
+    pool = np.empty((b * per_seq, bs, h, d), dtype=x.dtype)
+    pool[table.reshape(-1)] = blocks.reshape(b * per_seq, bs, h, d)
+    return pool
+
+
+def one_call(fn) -> float:
+    t0 = time.perf_counter()
+    mx.eval(fn())
+    return time.perf_counter() - t0
+
+
+def timed_rounds(fns: dict, rounds: int, slow: set, slow_rounds: int) -> dict[str, list[float]]:
+    """Per-call seconds of each function, one call of each per round (two warm-up calls)."""
+    for fn in fns.values():
+        mx.eval(fn())
+        mx.eval(fn())
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if name not in slow or r < slow_rounds:
+                times[name].append(one_call(fn))
+    return times
+
+
+def ratio(times, a: str, b: str) -> float:
+    n = min(len(times[a]), len(times[b]))
+    return statistics.median(x / y for x, y in zip(times[a][:n], times[b][:n], strict=True))
+
+
+def bench_dtype(dtype: str, batch: int, context: int, block_size: int, rounds: int) -> dict:
+    rng = np.random.default_rng(0)
+    dt = DTYPES[dtype]
+    shape = (batch, H_KV, context, D)
+    k = rng.standard_normal(shape).astype(np.float32)
+    v = rng.standard_normal(shape).astype(np.float32)
+    q = mx.array(rng.standard_normal((batch, H_Q, D)).astype(np.float32)).astype(dt)
+    table = block_tables(batch, context, block_size, seed=0)
+    k_pool, v_pool = paged_layout(k, table), paged_layout(v, table)
+    key, value = mx.array(k).astype(dt), mx.array(v).astype(dt)
+    kc, vc = mx.array(k_pool).astype(dt), mx.array(v_pool).astype(dt)
+    tables = mx.array(table)
+    lens = mx.full((batch,), context, dtype=mx.int32)
+    scale = D**-0.5
+    mx.eval(q, key, value, kc, vc, tables, lens)
+    del k, v, k_pool, v_pool
+
+    fns = {
+        "paged": lambda: paged_attention(q, kc, vc, tables, lens, scale, stream=mx.cpu),
+        "contiguous": lambda: decode_attention(q, key, value, lens, scale, stream=mx.cpu),
+        "sdpa": lambda: mx.fast.scaled_dot_product_attention(
+            q[:, :, None], key, value, scale=scale, stream=mx.cpu
+        ),
+        "paged_mlx": lambda: paged_attention_mlx(q, kc, vc, tables, lens, scale),
+    }
+    # Same keys, same answer: the layouts hold the same values.
+    out = {
+        name: np.array(fn().astype(mx.float32)).reshape(batch, H_Q, D) for name, fn in fns.items()
+    }
+    diff = max(float(np.abs(out[n] - out["contiguous"]).max()) for n in out)
+    times = timed_rounds(fns, rounds, slow={"sdpa", "paged_mlx"}, slow_rounds=max(3, rounds // 3))
+    kv_bytes = 2 * batch * H_KV * context * D * key.itemsize
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "ms": {name: round(t * 1e3, 3) for name, t in med.items()},
+        "paged_over_contiguous": round(ratio(times, "paged", "contiguous"), 3),
+        "paged_over_sdpa": round(ratio(times, "paged", "sdpa"), 3),
+        "paged_over_paged_mlx": round(ratio(times, "paged", "paged_mlx"), 3),
+        "kv_read_gbs": round(kv_bytes / med["paged"] / 1e9, 2),
+        "max_abs_diff_vs_contiguous": float(f"{diff:.3g}"),
+    }
+
+
+def block_size_study(batch: int, context: int, rounds: int, dtype: str, waste_by_bs) -> dict:
+    """Kernel time for each block size (same values, re-laid out) and the workload's waste."""
+    rng = np.random.default_rng(1)
+    dt = DTYPES[dtype]
+    shape = (batch, H_KV, context, D)
+    k = rng.standard_normal(shape).astype(np.float32)
+    v = rng.standard_normal(shape).astype(np.float32)
+    q = mx.array(rng.standard_normal((batch, H_Q, D)).astype(np.float32)).astype(dt)
+    lens = mx.full((batch,), context, dtype=mx.int32)
+    fns, keep = {}, []
+    for bs in BLOCK_SIZES:
+        table = block_tables(batch, context, bs, seed=bs)
+        k_pool, v_pool = paged_layout(k, table), paged_layout(v, table)
+        kc, vc = mx.array(k_pool).astype(dt), mx.array(v_pool).astype(dt)
+        tables = mx.array(table)
+        mx.eval(kc, vc, tables)
+        keep.append((kc, vc, tables))
+        fns[bs] = lambda kc=kc, vc=vc, t=tables: paged_attention(
+            q, kc, vc, t, lens, D**-0.5, stream=mx.cpu
+        )
+    times = timed_rounds(fns, rounds, slow=set(), slow_rounds=0)
+    return {
+        bs: {"ms": round(statistics.median(times[bs]) * 1e3, 3), "waste": waste_by_bs[bs]}
+        for bs in BLOCK_SIZES
+    }
+
+
+def workload_waste(requests: int, seed: int, max_len: int) -> tuple[float, float, dict]:
+    reqs = make_workload(requests, seed, max_len=max_len)
+
+    def lost(r: dict) -> float:
+        return round(1 - r["held"] / r["allocated"], 4)
+
+    contiguous = lost(waste.contiguous(reqs, lambda r: max_len))
+    exact = lost(waste.contiguous(reqs, lambda r: r.total_len))
+    return contiguous, exact, {bs: lost(waste.paged(reqs, bs, max_len)) for bs in BLOCK_SIZES}
+
+
+def plot(study: dict, dtype: str, batch: int, context: int, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(study)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax1.plot(sizes, [study[s]["ms"] for s in sizes], "o-")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xticks(sizes, [str(s) for s in sizes])
+    ax1.set_xlabel("block size (tokens)")
+    ax1.set_ylabel("ms per decode step")
+    ax1.set_ylim(bottom=0)
+    ax1.set_title(f"paged kernel, B={batch}, context {context}, {dtype}", fontsize=9)
+    ax2.plot(sizes, [100 * study[s]["waste"] for s in sizes], "o-", color="C1")
+    ax2.set_xscale("log", base=2)
+    ax2.set_xticks(sizes, [str(s) for s in sizes])
+    ax2.set_xlabel("block size (tokens)")
+    ax2.set_ylabel("% of allocated slots never used")
+    ax2.set_ylim(bottom=0)
+    ax2.set_title("waste on the seeded workload (1000 requests)", fontsize=9)
+    fig.suptitle(machine, fontsize=8)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args()
+    if args.context % max(BLOCK_SIZES):
+        ap.error(f"--context must be a multiple of {max(BLOCK_SIZES)}")
+
+    t0 = time.perf_counter()
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{platform.system()}, MLX {mx.__version__} CPU"
+    )
+    print(
+        f"decode attention: B={args.batch}, context {args.context}, H_q={H_Q}, H_kv={H_KV}, "
+        f"D={D}, block 16; {machine}; TINY_LLM_NUM_THREADS="
+        f"{os.environ.get('TINY_LLM_NUM_THREADS', '(all)')}"
+    )
+    bandwidth = read_bandwidth()
+    by_dtype = {}
+    for dtype in DTYPES:
+        r = bench_dtype(dtype, args.batch, args.context, 16, args.rounds)
+        r["read_bandwidth_fraction"] = round(r["kv_read_gbs"] * 1e9 / bandwidth, 3)
+        by_dtype[dtype] = r
+    bandwidth = max(bandwidth, read_bandwidth())  # again, after: the better of the two
+    for r in by_dtype.values():
+        r["read_bandwidth_fraction"] = round(r["kv_read_gbs"] * 1e9 / bandwidth, 3)
+
+    print(f"\nread bandwidth (NumPy sum, best of 1 and 2 threads): {bandwidth / 1e9:.1f} GB/s\n")
+    print(
+        "| dtype | paged kernel | contiguous kernel | MLX SDPA | gather + MLX | paged / contiguous "
+        "| paged / SDPA | K/V read | of read bandwidth |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for dtype, r in by_dtype.items():
+        ms = r["ms"]
+        print(
+            f"| {dtype} | {ms['paged']:.2f} ms | {ms['contiguous']:.2f} ms | {ms['sdpa']:.1f} ms "
+            f"| {ms['paged_mlx']:.1f} ms | {r['paged_over_contiguous']:.2f} "
+            f"| {r['paged_over_sdpa']:.3f} | {r['kv_read_gbs']:.1f} GB/s "
+            f"| {r['read_bandwidth_fraction']:.0%} |"
+        )
+
+    contiguous_waste, exact_waste, waste_by_bs = workload_waste(args.requests, 0, 2048)
+    study = block_size_study(args.batch, args.context, args.rounds, "float32", waste_by_bs)
+    print(
+        f"\nwaste on make_workload({args.requests}, seed=0, max_len=2048): contiguous max-length "
+        f"buffers {contiguous_waste:.1%}, contiguous exact-size {exact_waste:.1%}"
+    )
+    print("\n| block size | kernel (float32) | slots never used |")
+    print("|---:|---:|---:|")
+    for bs, row in study.items():
+        print(f"| {bs} | {row['ms']:.2f} ms | {row['waste']:.1%} |")
+    if not args.no_plot:
+        plot(study, "float32", args.batch, args.context, machine)
+        print(f"\nplot: {PLOT.relative_to(ROOT)}")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+
+    head = by_dtype["float32"]
+    print(
+        json.dumps(
+            {
+                "bench": "paged",
+                "machine": machine,
+                "batch": args.batch,
+                "context": args.context,
+                "heads": [H_Q, H_KV, D],
+                "headline_dtype": "float32",
+                "paged_over_contiguous": head["paged_over_contiguous"],
+                "paged_over_sdpa": head["paged_over_sdpa"],
+                "read_bandwidth_fraction": head["read_bandwidth_fraction"],
+                "read_bandwidth_gbs": round(bandwidth / 1e9, 2),
+                "paged_waste_block16": waste_by_bs[16],
+                "contiguous_waste": contiguous_waste,
+                "contiguous_exact_waste": exact_waste,
+                "by_dtype": by_dtype,
+                "block_sizes": study,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
