@@ -166,8 +166,10 @@ def _generate(sol, model, tokenizer, prompt_ids, args, sampler, cache: str | Non
             if kind == "none" or stream.times:
                 raise
             if cache:
-                message = str(e) or f"needs {CACHE_NEEDS.get(kind, kind)}"
-                raise CliError(f"--cache {kind}: {message}") from None
+                detail = f": {e}" if str(e) else ""
+                raise CliError(
+                    f"--cache {kind} needs {CACHE_NEEDS.get(kind, kind)}{detail}"
+                ) from None
             skipped.append(kind)
             continue
         if skipped:
