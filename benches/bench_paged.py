@@ -37,7 +37,7 @@ import numpy as np
 
 from tiny_llm_common.workload import make_workload
 from tiny_llm_ref.decode_attention import decode_attention
-from tiny_llm_ref.paged_attention import paged_attention, paged_attention_mlx
+from tiny_llm_ref.paged_attention import paged_attention, paged_attention_mlx, reshape_and_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_block_waste as waste  # noqa: E402
@@ -145,6 +145,40 @@ def bench_dtype(dtype: str, batch: int, context: int, block_size: int, rounds: i
         "paged_over_paged_mlx": round(ratio(times, "paged", "paged_mlx"), 3),
         "kv_read_gbs": round(kv_bytes / med["paged"] / 1e9, 2),
         "max_abs_diff_vs_contiguous": float(f"{diff:.3g}"),
+    }
+
+
+def write_cost(batch: int, context: int, repeats: int = 20) -> dict:
+    """reshape_and_cache of one decode step (one token per sequence) into a float32 pool the
+    size of the attention benchmark's: with the caches rebound (MLX donates their memory, the
+    kernel writes B rows) and with the old caches still referenced (the pool is copied)."""
+    num_blocks = batch * context // 16
+    kc = mx.zeros((num_blocks, 16, H_KV, D)) + 0  # + 0: real memory, not a broadcast zero
+    vc = mx.zeros((num_blocks, 16, H_KV, D)) + 0
+    rows = mx.ones((batch, H_KV, D))
+    slots = mx.array(np.arange(batch, dtype=np.int32) * 16 * (num_blocks // batch))
+    mx.eval(kc, vc, rows, slots)
+
+    def rebound() -> float:
+        nonlocal kc, vc
+        t0 = time.perf_counter()
+        kc, vc = reshape_and_cache(rows, rows, kc, vc, slots, stream=mx.cpu)
+        mx.eval(kc, vc)
+        return time.perf_counter() - t0
+
+    def held() -> float:
+        t0 = time.perf_counter()
+        new_k, new_v = reshape_and_cache(rows, rows, kc, vc, slots, stream=mx.cpu)
+        mx.eval(new_k, new_v)
+        return time.perf_counter() - t0
+
+    rebound(), held()
+    donated = statistics.median(rebound() for _ in range(repeats))
+    copied = statistics.median(held() for _ in range(max(3, repeats // 4)))
+    return {
+        "pool_mib_per_cache": round(kc.nbytes / 2**20, 1),
+        "rebound_us": round(donated * 1e6, 1),
+        "held_ms": round(copied * 1e3, 2),
     }
 
 
@@ -260,6 +294,13 @@ def main() -> None:
             f"| {r['read_bandwidth_fraction']:.0%} |"
         )
 
+    write = write_cost(args.batch, args.context)
+    print(
+        f"\nreshape_and_cache, {args.batch} tokens into a {write['pool_mib_per_cache']} MiB "
+        f"float32 pool (per cache): {write['rebound_us']:.0f} us with the caches rebound "
+        f"(written in place), {write['held_ms']:.1f} ms with the old caches still held (copied)"
+    )
+
     contiguous_waste, exact_waste, waste_by_bs = workload_waste(args.requests, 0, 2048)
     study = block_size_study(args.batch, args.context, args.rounds, "float32", waste_by_bs)
     print(
@@ -293,6 +334,7 @@ def main() -> None:
                 "contiguous_waste": contiguous_waste,
                 "contiguous_exact_waste": exact_waste,
                 "by_dtype": by_dtype,
+                "write": write,
                 "block_sizes": study,
             }
         )

@@ -7,8 +7,8 @@ For each context length, a batch of sequences (SmolLM2-135M's attention shape by
 - gather only: `gather_kv_batch`, the copy the paged version makes first;
 - paged (MLX): `paged_attention_mlx`: that gather, then the same masked grouped attention.
 Block ids are a random permutation of the pool, so no two consecutive logical blocks are
-neighbours. Each timing is the median of --reps evaluations (after warm-up), inputs evaluated
-beforehand. "read" counts the K/V bytes a decode step must read at least: 2 * B * S * H_kv *
+neighbours. Each timing is the fastest of --reps evaluations (after warm-up; on a machine shared
+with other jobs the minimum is the least disturbed), inputs evaluated beforehand. "read" counts the K/V bytes a decode step must read at least: 2 * B * S * H_kv *
 D * itemsize.
 
 Then the write side: `reshape_and_cache_mlx` stores one token per sequence into a pool of
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import mlx.core as mx
@@ -39,7 +38,7 @@ from tiny_llm_ref.paged_attention import (
 
 
 def timed(fn, reps: int) -> float:
-    """Median seconds of mx.eval(fn()) over `reps` runs, after two warm-up runs."""
+    """The fastest mx.eval(fn()) of `reps` runs, in seconds, after two warm-up runs."""
     for _ in range(2):
         mx.eval(fn())
     times = []
@@ -47,7 +46,7 @@ def timed(fn, reps: int) -> float:
         start = time.perf_counter()
         mx.eval(fn())
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def one_context(args, context: int) -> dict:
@@ -105,7 +104,7 @@ def write_cost(args, reps: int) -> dict:
                 mx.eval(new_k, new_v)
             if i >= 2:
                 times.append(time.perf_counter() - start)
-        results[mode] = statistics.median(times)
+        results[mode] = min(times)
     return {
         "pool_mib_per_cache": args.pool_mib,
         "write_in_place_us": round(results["rebind"] * 1e6, 1),

@@ -244,8 +244,6 @@ def test_generate_with_cache_checks_arguments():
         gen(model, None, [], 3)
     with pytest.raises(ValueError):
         gen(model, None, PROMPT, 3, cache_kind="bogus")
-    with pytest.raises(NotImplementedError, match="paged"):
-        gen(model, None, PROMPT, 3, cache_kind="paged")
 
 
 # --- The real model -----------------------------------------------------------------------------

@@ -128,7 +128,9 @@ def test_cpu_matches_numpy(group, D, dtype):
     lengths = i32([1, 31, 33, 300])
     out = da.decode_attention(q, k, v, lengths, D**-0.5, stream=mx.cpu)
     mx.eval(out)  # q, k, v are computed in the same evaluation, after the kernel was scheduled
-    check(out, q, k, v, lengths, D**-0.5, dtype, f"CPU decode_attention {dtype} D={D} group={group}")
+    check(
+        out, q, k, v, lengths, D**-0.5, dtype, f"CPU decode_attention {dtype} D={D} group={group}"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -190,8 +192,10 @@ def test_cpu_cache_views(view, dtype):
 
 def test_cpu_under_compile():
     f = mx.compile(
-        lambda q, k, v, n: da.decode_attention(q, k, v, n, 0.125, stream=mx.cpu) * 2
-        + da.decode_attention(q, k, v, n, 0.125, stream=mx.cpu)
+        lambda q, k, v, n: (
+            da.decode_attention(q, k, v, n, 0.125, stream=mx.cpu) * 2
+            + da.decode_attention(q, k, v, n, 0.125, stream=mx.cpu)
+        )
     )
     rng = np.random.default_rng(9)
     for S in (40, 70):

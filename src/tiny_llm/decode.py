@@ -29,6 +29,21 @@ def _eos_ids(tokenizer) -> set[int]:
     return set() if tokenizer is None else {int(t) for t in tokenizer.eos_token_ids}
 
 
+PAGED_BLOCK_SIZE = 16
+
+
+def _paged_layers(model, max_len: int) -> Callable[[int], list]:
+    """Week 3 Day 3: a paged cache with room for one sequence of `max_len` tokens. The returned
+    function prepares a step of `n` new tokens (blocks, slots, tables: once for all layers)
+    and returns the per-layer caches the model takes."""
+    # TODO(Week 3 Day 3, task 3): pool = PagedKVCache(model, ceil(max_len / PAGED_BLOCK_SIZE),
+    # PAGED_BLOCK_SIZE) (from .paged_kv_cache); return a function of n that calls
+    # pool.begin_step([0], [n]) and returns pool.layers().
+    raise NotImplementedError(
+        "Week 3 Day 3, task 3: implement `_paged_layers` in src/tiny_llm/decode.py"
+    )
+
+
 def generate_with_cache(
     model,
     tokenizer,
@@ -48,8 +63,12 @@ def generate_with_cache(
     if cache_kind not in CACHE_KINDS:
         raise ValueError(f"cache_kind must be one of {CACHE_KINDS}, got {cache_kind!r}")
     if cache_kind == "paged":
+        # TODO(Week 3 Day 3, task 3): remove this raise. In your loop below, build
+        # `layers_for = _paged_layers(model, len(prompt) + max_tokens)` for "paged" and run
+        # each step as model(x, layers_for(x.shape[1])) (the contiguous cache: always `cache`).
         raise NotImplementedError(
-            "--cache paged needs Week 3 Day 3 (the paged KV cache); use --cache contiguous"
+            'Week 3 Day 3, task 3: implement `generate_with_cache` with cache_kind="paged" '
+            "in src/tiny_llm/decode.py"
         )
     # TODO(Week 2 Day 1, task 3):
     # 1. Check max_tokens (_check_max_tokens) and that the prompt is not empty (ValueError).

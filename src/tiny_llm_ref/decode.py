@@ -27,6 +27,24 @@ def _eos_ids(tokenizer) -> set[int]:
     return set() if tokenizer is None else {int(t) for t in tokenizer.eos_token_ids}
 
 
+PAGED_BLOCK_SIZE = 16
+
+
+def _paged_layers(model, max_len: int) -> Callable[[int], list]:
+    """Week 3 Day 3: a paged cache with room for one sequence of `max_len` tokens. The returned
+    function prepares a step of `n` new tokens (blocks, slots, tables: once for all layers)
+    and returns the per-layer caches the model takes."""
+    from .paged_kv_cache import PagedKVCache
+
+    pool = PagedKVCache(model, -(-max_len // PAGED_BLOCK_SIZE), PAGED_BLOCK_SIZE)
+
+    def layers_for(n: int) -> list:
+        pool.begin_step([0], [n])
+        return pool.layers()
+
+    return layers_for
+
+
 def generate_with_cache(
     model,
     tokenizer,
@@ -45,21 +63,22 @@ def generate_with_cache(
     """
     if cache_kind not in CACHE_KINDS:
         raise ValueError(f"cache_kind must be one of {CACHE_KINDS}, got {cache_kind!r}")
-    if cache_kind == "paged":
-        raise NotImplementedError(
-            "--cache paged needs Week 3 Day 3 (the paged KV cache); use --cache contiguous"
-        )
     _check_max_tokens(max_tokens)
     tokens = [int(t) for t in prompt_tokens]
     if not tokens:
         raise ValueError("prompt_tokens is empty: the model needs at least one token to go on")
     eos = _eos_ids(tokenizer)
     sampler = sampler or _greedy
-    cache = make_cache(model)
+    if cache_kind == "paged":
+        layers_for = _paged_layers(model, len(tokens) + max_tokens)
+    else:
+        cache = make_cache(model)
+        layers_for = lambda n: cache  # noqa: E731
 
     def step(inputs: list[int] | mx.array) -> mx.array:
         """Run the model on `inputs` ([1, L]) after the cached tokens; the next token [1]."""
-        logits = model(mx.array(inputs, dtype=mx.int32).reshape(1, -1), cache)
+        x = mx.array(inputs, dtype=mx.int32).reshape(1, -1)
+        logits = model(x, layers_for(x.shape[1]))
         return sampler(logits[:, -1, :])
 
     generated: list[int] = []

@@ -115,7 +115,7 @@ mx::array decode_attention(
 
 bool DecodeAttention::is_equivalent(const mx::Primitive& other) const {
   return typeid(other) == typeid(*this) &&
-      static_cast<const DecodeAttention&>(other).scale_ == scale_;
+         static_cast<const DecodeAttention&>(other).scale_ == scale_;
 }
 
 // ---------------------------------------------------------------------------

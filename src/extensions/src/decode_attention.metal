@@ -3,8 +3,8 @@
 // through it.
 //
 //   query [B, H_q, D], key/value [B, H_kv, S, D], lengths [B] int32
-//   out[b, h] = softmax(scale * q[b, h] . key[b, kv(h), t]) over t < lengths[b],
-//               applied to value[b, kv(h), t];  kv(h) = h / (H_q / H_kv)
+//   out[b, h] = softmax over t < lengths[b] of scale * q[b, h] . key[b, kv, t],
+//               applied to value[b, kv, t], with kv = h / (H_q / H_kv)
 //
 // One threadgroup per (sequence b, KV head, slice of at most MAX_HEADS of the
 // query heads that read that KV head), so every K/V row is read once for the

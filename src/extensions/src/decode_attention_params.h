@@ -17,14 +17,14 @@
 #define DECODE_ATTENTION_MAX_HEADS 8
 
 struct DecodeAttentionParams {
-  int64_t q_strides[3]; // query [B, H_q, D], in elements
-  int64_t k_strides[4]; // key [B, H_kv, S, D]
-  int64_t v_strides[4]; // value [B, H_kv, S, D]
+  int64_t q_strides[3];   // query [B, H_q, D], in elements
+  int64_t k_strides[4];   // key [B, H_kv, S, D]
+  int64_t v_strides[4];   // value [B, H_kv, S, D]
   int64_t lengths_stride; // lengths [B]
-  int32_t num_heads; // H_q
-  int32_t num_kv_heads; // H_kv
-  int32_t max_len; // S: lengths must lie in [0, S]
+  int32_t num_heads;      // H_q
+  int32_t num_kv_heads;   // H_kv
+  int32_t max_len;        // S: lengths must lie in [0, S]
   int32_t slices; // threadgroups per KV head: ceil(group size / MAX_HEADS)
-  float scale; // multiplies q . k
+  float scale;    // multiplies q . k
   int32_t unused; // pads the struct to a multiple of 8 bytes
 };

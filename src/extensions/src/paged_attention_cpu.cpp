@@ -41,6 +41,11 @@
 #define TINY_LLM_X86_DISPATCH 0
 #endif
 
+#if defined(__GNUC__) && !defined(__clang__)
+// The 8-wide vectors only cross always-inlined calls: no ABI to keep stable.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 #if defined(__GNUC__) || defined(__clang__)
 #define TINY_LLM_INLINE inline __attribute__((always_inline))
 #else
@@ -194,17 +199,20 @@ TINY_LLM_INLINE f32x8 splat8(float x) {
   return f32x8{x, x, x, x, x, x, x, x};
 }
 
+TINY_LLM_INLINE float sum8(f32x8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// q . k over D floats: two 8-wide running sums, added across at the end.
 template <int D>
-TINY_LLM_INLINE float dot(const float* a, const float* b) {
+TINY_LLM_INLINE float dot(const float* q, const float* k) {
   f32x8 s0 = splat8(0.0f);
   f32x8 s1 = splat8(0.0f);
   for (int i = 0; i < D; i += 16) {
-    s0 += load8(a + i) * load8(b + i);
-    s1 += load8(a + i + 8) * load8(b + i + 8);
+    s0 += load8(q + i) * load8(k + i);
+    s1 += load8(q + i + 8) * load8(k + i + 8);
   }
-  s0 += s1;
-  return ((s0[0] + s0[4]) + (s0[1] + s0[5])) +
-      ((s0[2] + s0[6]) + (s0[3] + s0[7]));
+  return sum8(s0 + s1);
 }
 
 // exp(x) for x <= 0, 8 at a time (the loop over keys calls it for every
@@ -257,7 +265,8 @@ __attribute__((target("avx,f16c"), noinline)) void half_to_float_f16c(
 
 bool cpu_has_avx2_fma_f16c() {
   static const bool has = __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
   return has;
 }
 #endif
@@ -265,7 +274,8 @@ bool cpu_has_avx2_fma_f16c() {
 // A row of n elements of T as float32: float32 rows are used in place, others
 // are converted into `buffer` (once per row, however many heads read it).
 template <typename T, bool kF16C>
-TINY_LLM_INLINE const float* row_as_float(const T* src, float* buffer, int n) {
+TINY_LLM_INLINE const float* row_as_float(
+    const T* src, float* buffer, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     (void)buffer;
     (void)n;
@@ -273,7 +283,7 @@ TINY_LLM_INLINE const float* row_as_float(const T* src, float* buffer, int n) {
   } else if constexpr (std::is_same_v<T, mx::bfloat16_t>) {
     // bfloat16 is the top half of a float32: shift the bits into place.
     const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-    for (int i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i) {
       uint32_t u = uint32_t(bits[i]) << 16;
       std::memcpy(buffer + i, &u, sizeof(u));
     }
@@ -301,7 +311,7 @@ TINY_LLM_INLINE const float* row_as_float(const T* src, float* buffer, int n) {
 // ---------------------------------------------------------------------------
 
 struct Problem {
-  const void* query; // [B, H_q, D]
+  const void* query;     // [B, H_q, D]
   const void* key_cache; // [num_blocks, block_size, H_kv, D]
   const void* value_cache;
   const int32_t* block_tables; // [B, max_blocks]
@@ -318,16 +328,16 @@ struct Item {
   int seq;
   int first_block; // logical blocks [first_block, last_block)
   int last_block;
-  float* m; // [H_q]
-  float* l; // [H_q]
+  float* m;   // [H_q]
+  float* l;   // [H_q]
   float* acc; // [H_q, D]
 };
 
 constexpr int kChunk = 16; // keys scored before their values are read (8k)
 
-// Ask for the memory of a row of the next block while this one is computed:
-// the blocks of a sequence are scattered over the pool, so the hardware
-// prefetcher cannot guess where the next one starts.
+// Ask for a row's memory now, to be read later: the blocks of a sequence are
+// scattered over the pool, so the hardware prefetcher cannot guess where the
+// next one starts.
 template <typename T>
 TINY_LLM_INLINE void prefetch_row(const T* row, int64_t elements) {
   const char* bytes = reinterpret_cast<const char*>(row);
@@ -340,19 +350,21 @@ template <typename T, int D, bool kF16C>
 TINY_LLM_INLINE void attend_item(const Problem& p, const Item& it) {
   // TODO(Week 3 Day 2, task 4): the softmax state of sequence it.seq over its
   // logical blocks [it.first_block, it.last_block), for every query head.
-  // - The queries: row_as_float<T, kF16C>(...) gives a row in float32 (T may
-  //   be float16/bfloat16); multiply by p.scale once. Start every head with
-  //   it.m[h] = -infinity, it.l[h] = 0 and it.acc[h * D ...] = 0.
-  // - For each logical block j: its keys start at
-  //   key_cache + table[j] * block_size * row, with table =
-  //   block_tables + seq * max_blocks and row = H_kv * D elements per token;
-  //   only the first len - j * block_size rows of the last block are real.
-  //   Token r's key for query head h is at + r * row + (h / G) * D.
-  // - Score a chunk of up to kChunk keys for every head (dot<D>), then update
-  //   the online softmax: m_new = max(m, scores); scale l and acc by
-  //   exp(m - m_new); p = exp(score - m_new) (exp8 does 8 at a time); l += p;
-  //   then acc[h] += p * v for the chunk's values (add_scaled<D>).
-  // - Optional: prefetch_row(...) the next block's rows while you compute.
+  // - The queries: row_as_float<T, kF16C>(src, buffer, n) gives n elements
+  //   as float32 (T may be float16 or bfloat16); multiply by p.scale once.
+  //   Start every head h with it.m[h] = -infinity, it.l[h] = 0 and
+  //   it.acc[h * D ... h * D + D) = 0.
+  // - Logical block j lives in physical block table[j] (table = block_tables
+  //   + it.seq * max_blocks); its rows start at key_cache + table[j] *
+  //   block_size * row, row = H_kv * D elements per token, and only the first
+  //   len - j * block_size rows of the last block are real. Query head h
+  //   reads the D elements at (h / G) * D of a row.
+  // - Score up to kChunk keys for every head (dot<D>), then the online
+  //   softmax: m_new = max(m, scores); multiply l and acc by exp(m - m_new);
+  //   weights p = exp(score - m_new) (exp8 does 8 at a time); l += sum p; then
+  //   acc[h] += p * v row by row (add_scaled<D>).
+  // - Read each row once for all heads; optionally prefetch_row(...) the
+  //   same row of the next block while you compute.
   // run_paged_attention (below) plans the items, runs them on the worker
   // pool and merges the partitions: do not divide by l here.
   (void)p;
@@ -378,7 +390,8 @@ __attribute__((target("avx2,fma,f16c"))) void attend_item_avx2(
 // Tokens per partition (rounded to whole blocks): small enough that one long
 // sequence still feeds every core, large enough that merging is negligible.
 constexpr int kPartitionTokens = 256;
-// Below this many K/V rows to read, waking the workers costs more than it saves.
+// Below this many K/V rows to read, waking the workers costs more than it
+// saves.
 constexpr int64_t kParallelRows = 8192;
 
 template <typename T, int D>
@@ -404,7 +417,12 @@ void run_paged_attention(const Problem& p, int batch, T* out) {
     first_item[b] = int(items.size());
     for (int j = 0; j < blocks; j += blocks_per_part) {
       items.push_back(
-          {b, j, std::min(blocks, j + blocks_per_part), nullptr, nullptr, nullptr});
+          {b,
+           j,
+           std::min(blocks, j + blocks_per_part),
+           nullptr,
+           nullptr,
+           nullptr});
     }
   }
   first_item[batch] = int(items.size());
@@ -417,9 +435,8 @@ void run_paged_attention(const Problem& p, int batch, T* out) {
   }
 
   const int threads = rows >= kParallelRows ? WorkerPool::default_threads() : 1;
-  WorkerPool::get().run(int(items.size()), threads, [&](int i) {
-    item_fn(p, items[i]);
-  });
+  WorkerPool::get().run(
+      int(items.size()), threads, [&](int i) { item_fn(p, items[i]); });
 
   // Merge each sequence's partitions: rescale every partition's state to the
   // largest max, add, divide by the total weight.
@@ -453,7 +470,8 @@ void dispatch_head_dim(const Problem& p, int batch, int head_dim, T* out) {
     case 128:
       return run_paged_attention<T, 128>(p, batch, out);
     default:
-      throw std::invalid_argument("paged_attention: head dim must be 64 or 128");
+      throw std::invalid_argument(
+          "paged_attention: head dim must be 64 or 128");
   }
 }
 
@@ -471,10 +489,12 @@ void copy_strided(const mx::array& src, mx::array& dst) {
   const char* s = src.data<char>();
   char* d = dst.data<char>();
   for (size_t r = 0; r < dst.size() / inner; ++r) {
-    const char* s_row = s + strided_offset(r * inner, shape, src.strides()) * int64_t(item);
+    const char* s_row =
+        s + strided_offset(r * inner, shape, src.strides()) * int64_t(item);
     char* d_row = d + r * inner * item;
     for (size_t j = 0; j < inner; ++j) {
-      std::memcpy(d_row + j * item, s_row + int64_t(j) * step * int64_t(item), item);
+      std::memcpy(
+          d_row + j * item, s_row + int64_t(j) * step * int64_t(item), item);
     }
   }
 }

@@ -16,12 +16,12 @@
 #define PAGED_ATTENTION_MAX_HEADS 8
 
 struct PagedAttentionParams {
-  int32_t num_blocks; // blocks in the pool: valid ids are [0, num_blocks)
-  int32_t block_size; // tokens per block
-  int32_t max_blocks; // columns of block_tables
-  int32_t num_heads; // H_q
+  int32_t num_blocks;   // blocks in the pool: valid ids are [0, num_blocks)
+  int32_t block_size;   // tokens per block
+  int32_t max_blocks;   // columns of block_tables
+  int32_t num_heads;    // H_q
   int32_t num_kv_heads; // H_kv
   int32_t slices; // threadgroups per KV head: ceil(group size / MAX_HEADS)
-  float scale; // multiplies q . k
+  float scale;    // multiplies q . k
   int32_t unused; // pads the struct to 32 bytes
 };

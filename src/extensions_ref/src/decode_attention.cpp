@@ -115,7 +115,7 @@ mx::array decode_attention(
 
 bool DecodeAttention::is_equivalent(const mx::Primitive& other) const {
   return typeid(other) == typeid(*this) &&
-      static_cast<const DecodeAttention&>(other).scale_ == scale_;
+         static_cast<const DecodeAttention&>(other).scale_ == scale_;
 }
 
 // ---------------------------------------------------------------------------
@@ -173,8 +173,8 @@ void encode_decode_attention(
   p.num_kv_heads = key.shape(1);
   p.max_len = key.shape(2);
   const int group = p.num_heads / p.num_kv_heads;
-  p.slices = (group + DECODE_ATTENTION_MAX_HEADS - 1) /
-      DECODE_ATTENTION_MAX_HEADS;
+  p.slices =
+      (group + DECODE_ATTENTION_MAX_HEADS - 1) / DECODE_ATTENTION_MAX_HEADS;
   p.scale = scale;
 
   encoder.set_kernel(

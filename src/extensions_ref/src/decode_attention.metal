@@ -2,8 +2,8 @@
 // cache on the GPU.
 //
 //   query [B, H_q, D], key/value [B, H_kv, S, D], lengths [B] int32
-//   out[b, h] = softmax(scale * q[b, h] . key[b, kv(h), t]) over t < lengths[b],
-//               applied to value[b, kv(h), t];  kv(h) = h / (H_q / H_kv)
+//   out[b, h] = softmax over t < lengths[b] of scale * q[b, h] . key[b, kv, t],
+//               applied to value[b, kv, t], with kv = h / (H_q / H_kv)
 //
 // One threadgroup per (sequence b, KV head, slice of at most MAX_HEADS of the
 // query heads that read that KV head), so every K/V row is read once for the
@@ -57,16 +57,15 @@ template <typename T, int D>
     return;
   }
 
-  // This lane's slice of each query vector, scaled once here.
+  // This lane's slice of each query vector, scaled once here. (The row index
+  // is clamped so that no address past the last head is even formed.)
   float q[MAX_HEADS][E];
   for (int g = 0; g < MAX_HEADS; ++g) {
+    device const T* q_row = query + b * p.q_strides[0] +
+                            min(h0 + g, p.num_heads - 1) * p.q_strides[1];
     for (int e = 0; e < E; ++e) {
-      q[g][e] = 0.0f;
-      if (g < count) {
-        q[g][e] = p.scale *
-            float(query[b * p.q_strides[0] + (h0 + g) * p.q_strides[1] +
-                        (int(lane) * E + e) * p.q_strides[2]]);
-      }
+      const int d = int(lane) * E + e;
+      q[g][e] = g < count ? p.scale * float(q_row[d * p.q_strides[2]]) : 0.0f;
     }
   }
 
@@ -85,14 +84,16 @@ template <typename T, int D>
   }
 
   device const T* k_seq = key + b * p.k_strides[0] + kv_head * p.k_strides[1];
-  device const T* v_seq =
-      value + b * p.v_strides[0] + kv_head * p.v_strides[1];
+  device const T* v_seq = value + b * p.v_strides[0] + kv_head * p.v_strides[1];
   for (int t = int(sg); t < len; t += SIMDGROUPS) {
+    device const T* k_row = k_seq + t * p.k_strides[2];
+    device const T* v_row = v_seq + t * p.v_strides[2];
     float k[E];
     float v[E];
     for (int e = 0; e < E; ++e) {
-      k[e] = float(k_seq[t * p.k_strides[2] + (int(lane) * E + e) * p.k_strides[3]]);
-      v[e] = float(v_seq[t * p.v_strides[2] + (int(lane) * E + e) * p.v_strides[3]]);
+      const int d = int(lane) * E + e;
+      k[e] = float(k_row[d * p.k_strides[3]]);
+      v[e] = float(v_row[d * p.v_strides[3]]);
     }
     for (int g = 0; g < MAX_HEADS; ++g) {
       if (g >= count) {

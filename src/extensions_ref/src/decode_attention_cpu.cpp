@@ -34,7 +34,7 @@ namespace tiny_llm {
 namespace {
 
 constexpr int kChunk = 512; // keys per work unit
-constexpr int kTile = 32; // keys scored before one rescale of acc
+constexpr int kTile = 32;   // keys scored before one rescale of acc
 constexpr float kLowest = std::numeric_limits<float>::lowest();
 
 template <typename T>
@@ -86,7 +86,7 @@ inline f32x8 load8(const float* p) {
   return v;
 }
 
-inline void store8(float* p, f32x8 v) {
+inline void store8(float* p, const f32x8& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
@@ -102,17 +102,17 @@ inline f32x8 sum8x8(const f32x8* v) {
     const f32x8 a = v[2 * i];
     const f32x8 b = v[2 * i + 1];
     t[i] = SHUFFLE8(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
-        SHUFFLE8(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+           SHUFFLE8(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
   }
   f32x8 u[2];
   for (int i = 0; i < 2; ++i) {
     const f32x8 a = t[2 * i];
     const f32x8 b = t[2 * i + 1];
     u[i] = SHUFFLE8(a, b, 0, 1, 8, 9, 4, 5, 12, 13) +
-        SHUFFLE8(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+           SHUFFLE8(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
   }
   return SHUFFLE8(u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) +
-      SHUFFLE8(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
+         SHUFFLE8(u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 // exp(x) for x <= 0 (scores minus their running maximum), eight at a time:
@@ -120,10 +120,10 @@ inline f32x8 sum8x8(const f32x8* v) {
 // r = x - n ln 2 in [-ln2/2, ln2/2] (Cephes' expf coefficients, about 1 ulp),
 // and build 2^n from its exponent bits. Below -87 the result would leave the
 // normal floats: such a weight is 0.
-inline f32x8 exp8_nonpositive(f32x8 x) {
+inline f32x8 exp8_nonpositive(const f32x8& x_in) {
   const f32x8 lowest = splat8(-87.0f);
-  const i32x8 tiny = x < lowest; // all ones where x < -87
-  x = (f32x8)(((i32x8)x & ~tiny) | ((i32x8)lowest & tiny));
+  const i32x8 tiny = x_in < lowest; // all ones where x < -87
+  const f32x8 x = (f32x8)(((i32x8)x_in & ~tiny) | ((i32x8)lowest & tiny));
   // Adding 1.5 * 2^23 rounds to an integer, which lands in the low bits.
   const f32x8 t = x * splat8(1.44269504f) + splat8(12582912.0f);
   const f32x8 n = t - splat8(12582912.0f);
@@ -173,12 +173,13 @@ struct PlainRows {
 #ifdef TINY_LLM_X86_CLONES
 struct F16cRows {
   template <typename T, int D>
-  __attribute__((target("avx2,fma,f16c"))) static const float*
-  load(const T* src, int64_t stride, float* buf) {
+  __attribute__((target("avx2,fma,f16c"))) static const float* load(
+      const T* src, int64_t stride, float* buf) {
     if constexpr (std::is_same_v<T, mx::float16_t>) {
       if (stride == 1) {
         for (int d = 0; d < D; d += 8) {
-          __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
+          __m128i h =
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
           _mm256_storeu_ps(buf + d, _mm256_cvtph_ps(h));
         }
         return buf;
@@ -189,7 +190,8 @@ struct F16cRows {
 };
 #endif
 
-// ---- one work unit ------------------------------------------------------------
+// ---- one work unit
+// ------------------------------------------------------------
 
 // Scores of keys k[0..7] against one query: eight dot products, the partial
 // sums kept per key in a vector and added across at the end.
@@ -245,7 +247,7 @@ void attend_unit(
 
   for (int g = 0; g < G; ++g) {
     const T* q_row = p.query + unit.b * p.q_strides[0] +
-        int64_t(unit.kv_head * G + g) * p.q_strides[1];
+                     int64_t(unit.kv_head * G + g) * p.q_strides[1];
     const float* qf = Rows::template load<T, D>(q_row, p.q_strides[2], rows);
     for (int d = 0; d < D; ++d) {
       q[g * D + d] = qf[d] * p.scale;
@@ -298,7 +300,7 @@ void attend_unit(
         sum += w;
       }
       l[g] += ((sum[0] + sum[4]) + (sum[1] + sum[5])) +
-          ((sum[2] + sum[6]) + (sum[3] + sum[7]));
+              ((sum[2] + sum[6]) + (sum[3] + sum[7]));
       m[g] = m_new;
     }
     // 3. Weighted values.
@@ -332,7 +334,8 @@ __attribute__((target("avx2,fma,f16c"), flatten)) void attend_unit_avx2(
 
 bool cpu_has_avx2_fma_f16c() {
   static const bool yes = __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
   return yes;
 }
 #endif

@@ -35,18 +35,18 @@ std::string check_block_tables(
   for (int b = 0; b < batch; ++b) {
     const int64_t len = lens[b];
     if (len < 1 || len > capacity) {
-      return "context_lens[" + std::to_string(b) + "] = " +
-          std::to_string(len) + ": must be in [1, " + std::to_string(capacity) +
-          "] (max_blocks * block_size)";
+      return "context_lens[" + std::to_string(b) +
+             "] = " + std::to_string(len) + ": must be in [1, " +
+             std::to_string(capacity) + "] (max_blocks * block_size)";
     }
     const int32_t* row = tables + int64_t(b) * max_blocks;
     const int64_t used = (len + block_size - 1) / block_size;
     for (int64_t j = 0; j < used; ++j) {
       if (row[j] < 0 || row[j] >= num_blocks) {
         return "block_tables[" + std::to_string(b) + ", " + std::to_string(j) +
-            "] = " + std::to_string(row[j]) + " for " + std::to_string(len) +
-            " tokens: block ids must be in [0, " + std::to_string(num_blocks) +
-            ")";
+               "] = " + std::to_string(row[j]) + " for " + std::to_string(len) +
+               " tokens: block ids must be in [0, " +
+               std::to_string(num_blocks) + ")";
       }
     }
   }
@@ -59,9 +59,9 @@ std::string check_slot_mapping(
   written.reserve(count);
   for (int64_t t = 0; t < count; ++t) {
     if (slots[t] >= num_slots) {
-      return "slot_mapping[" + std::to_string(t) + "] = " +
-          std::to_string(slots[t]) + " is outside the pool's " +
-          std::to_string(num_slots) + " slots";
+      return "slot_mapping[" + std::to_string(t) +
+             "] = " + std::to_string(slots[t]) + " is outside the pool's " +
+             std::to_string(num_slots) + " slots";
     }
     if (slots[t] >= 0) {
       written.push_back(slots[t]);
@@ -100,7 +100,11 @@ void check_int32(const char* op, const char* arg, const mx::array& a) {
 }
 
 void check_ndim(
-    const char* op, const char* arg, const mx::array& a, int ndim, const char* what) {
+    const char* op,
+    const char* arg,
+    const mx::array& a,
+    int ndim,
+    const char* what) {
   if (static_cast<int>(a.ndim()) != ndim) {
     throw std::invalid_argument(
         std::string(op) + ": " + arg + " must be " + what + ", got shape " +
@@ -109,7 +113,8 @@ void check_ndim(
 }
 
 void check_same_float(
-    const char* op, const std::vector<std::pair<const char*, const mx::array*>>& args) {
+    const char* op,
+    const std::vector<std::pair<const char*, const mx::array*>>& args) {
   for (const auto& [name, a] : args) {
     check_float(op, name, *a);
   }
@@ -138,9 +143,11 @@ void check_pool(const char* op, const mx::array& kc, const mx::array& vc) {
           std::string(op) + ": the caches are empty: " + describe(kc.shape()));
     }
   }
-  if (int64_t(kc.shape(0)) * kc.shape(1) > std::numeric_limits<int32_t>::max()) {
+  if (int64_t(kc.shape(0)) * kc.shape(1) >
+      std::numeric_limits<int32_t>::max()) {
     throw std::invalid_argument(
-        std::string(op) + ": more than 2^31 - 1 slots; int32 slots cannot name them");
+        std::string(op) +
+        ": more than 2^31 - 1 slots; int32 slots cannot name them");
   }
 }
 
@@ -161,7 +168,9 @@ mx::array paged_attention(
   constexpr const char* op = "paged_attention";
   check_same_float(
       op,
-      {{"query", &query}, {"key_cache", &key_cache}, {"value_cache", &value_cache}});
+      {{"query", &query},
+       {"key_cache", &key_cache},
+       {"value_cache", &value_cache}});
   check_int32(op, "block_tables", block_tables);
   check_int32(op, "context_lens", context_lens);
   check_ndim(op, "query", query, 3, "[B, H_q, D] (one token per sequence)");
@@ -233,7 +242,7 @@ mx::array paged_attention(
 
 bool PagedAttention::is_equivalent(const mx::Primitive& other) const {
   return typeid(other) == typeid(*this) &&
-      static_cast<const PagedAttention&>(other).scale_ == scale_;
+         static_cast<const PagedAttention&>(other).scale_ == scale_;
 }
 
 void PagedAttention::eval_cpu(
@@ -397,7 +406,8 @@ PagedAttentionParams paged_params(
   p.num_heads = q.shape(1);
   p.num_kv_heads = kc.shape(2);
   const int group = p.num_heads / p.num_kv_heads;
-  p.slices = (group + PAGED_ATTENTION_MAX_HEADS - 1) / PAGED_ATTENTION_MAX_HEADS;
+  p.slices =
+      (group + PAGED_ATTENTION_MAX_HEADS - 1) / PAGED_ATTENTION_MAX_HEADS;
   p.scale = scale;
   return p;
 }
@@ -443,7 +453,8 @@ void encode_reshape_and_cache(
           "be copied by one grid; let MLX donate it (rebind the caches)");
     }
     std::vector<int32_t> shape(cache.shape().begin(), cache.shape().end());
-    std::vector<int64_t> strides(cache.strides().begin(), cache.strides().end());
+    std::vector<int64_t> strides(
+        cache.strides().begin(), cache.strides().end());
     encoder.set_kernel("paged_cache_copy_" + dtype);
     encoder.set_input(1, 0);
     encoder.set_output(0, 1);

@@ -8,8 +8,8 @@
 //   block_tables [B, max_blocks] int32       physical block of each logical
 //                                            block, padded with -1
 //   context_lens [B] int32                   tokens stored per sequence
-//   slot_mapping [T] int32                   where token t goes:
-//                                            block * block_size + row; < 0 skips
+//   slot_mapping [T] int32                   where token t goes (block *
+//                                            block_size + row; < 0: skip)
 #pragma once
 
 #include <cstdint>

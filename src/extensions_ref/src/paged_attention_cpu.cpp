@@ -203,46 +203,16 @@ TINY_LLM_INLINE float sum8(f32x8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-// q . k[j] for four keys at once: four independent chains of multiply-adds
-// keep the floating-point units busy while each chain waits for its last.
+// q . k over D floats: two 8-wide running sums, added across at the end.
 template <int D>
-TINY_LLM_INLINE void dot4(const float* q, const float* const k[4], float* out) {
-  f32x8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0;
-  for (int i = 0; i < D; i += 8) {
-    const f32x8 qi = load8(q + i);
-    a0 += qi * load8(k[0] + i);
-    a1 += qi * load8(k[1] + i);
-    a2 += qi * load8(k[2] + i);
-    a3 += qi * load8(k[3] + i);
+TINY_LLM_INLINE float dot(const float* q, const float* k) {
+  f32x8 s0 = splat8(0.0f);
+  f32x8 s1 = splat8(0.0f);
+  for (int i = 0; i < D; i += 16) {
+    s0 += load8(q + i) * load8(k + i);
+    s1 += load8(q + i + 8) * load8(k + i + 8);
   }
-  out[0] = sum8(a0);
-  out[1] = sum8(a1);
-  out[2] = sum8(a2);
-  out[3] = sum8(a3);
-}
-
-// acc = acc * c + sum_t w[t] * v[t] over n rows, 64 columns at a time held in
-// registers (so acc is loaded and stored once per chunk, not once per row).
-template <int D>
-TINY_LLM_INLINE void accumulate(
-    float* acc, float c, const float* w, const float* const* v, int offset, int n) {
-  for (int col = 0; col < D; col += 64) {
-    constexpr int kVectors = (D < 64 ? D : 64) / 8;
-    f32x8 a[kVectors];
-    for (int i = 0; i < kVectors; ++i) {
-      a[i] = load8(acc + col + 8 * i) * splat8(c);
-    }
-    for (int t = 0; t < n; ++t) {
-      const f32x8 wt = splat8(w[t]);
-      const float* vt = v[t] + offset + col;
-      for (int i = 0; i < kVectors; ++i) {
-        a[i] += wt * load8(vt + 8 * i);
-      }
-    }
-    for (int i = 0; i < kVectors; ++i) {
-      store8(acc + col + 8 * i, a[i]);
-    }
-  }
+  return sum8(s0 + s1);
 }
 
 // exp(x) for x <= 0, 8 at a time (the loop over keys calls it for every
@@ -295,7 +265,8 @@ __attribute__((target("avx,f16c"), noinline)) void half_to_float_f16c(
 
 bool cpu_has_avx2_fma_f16c() {
   static const bool has = __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+                          __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
   return has;
 }
 #endif
@@ -303,7 +274,8 @@ bool cpu_has_avx2_fma_f16c() {
 // A row of n elements of T as float32: float32 rows are used in place, others
 // are converted into `buffer` (once per row, however many heads read it).
 template <typename T, bool kF16C>
-TINY_LLM_INLINE const float* row_as_float(const T* src, float* buffer, int64_t n) {
+TINY_LLM_INLINE const float* row_as_float(
+    const T* src, float* buffer, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     (void)buffer;
     (void)n;
@@ -330,19 +302,6 @@ TINY_LLM_INLINE const float* row_as_float(const T* src, float* buffer, int64_t n
   }
 }
 
-// n elements of T as float32 in `buffer`: a chunk of rows is read once, front to
-// back (the access the hardware prefetcher follows best), and every head then
-// reads it from the L1 cache. float16 and bfloat16 are converted on the way.
-template <typename T, bool kF16C>
-TINY_LLM_INLINE const float* stage(const T* src, float* buffer, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(buffer, src, n * sizeof(float));
-    return buffer;
-  } else {
-    return row_as_float<T, kF16C>(src, buffer, n);
-  }
-}
-
 // ---------------------------------------------------------------------------
 // The work item: one sequence and a range of its logical blocks, for all heads
 // (the cache stores a token's H_kv heads side by side, so a block is one
@@ -352,7 +311,7 @@ TINY_LLM_INLINE const float* stage(const T* src, float* buffer, int64_t n) {
 // ---------------------------------------------------------------------------
 
 struct Problem {
-  const void* query; // [B, H_q, D]
+  const void* query;     // [B, H_q, D]
   const void* key_cache; // [num_blocks, block_size, H_kv, D]
   const void* value_cache;
   const int32_t* block_tables; // [B, max_blocks]
@@ -369,16 +328,16 @@ struct Item {
   int seq;
   int first_block; // logical blocks [first_block, last_block)
   int last_block;
-  float* m; // [H_q]
-  float* l; // [H_q]
+  float* m;   // [H_q]
+  float* l;   // [H_q]
   float* acc; // [H_q, D]
 };
 
 constexpr int kChunk = 16; // keys scored before their values are read (8k)
 
-// Ask for the memory of a row of the next block while this one is computed:
-// the blocks of a sequence are scattered over the pool, so the hardware
-// prefetcher cannot guess where the next one starts.
+// Ask for a row's memory now, to be read later: the blocks of a sequence are
+// scattered over the pool, so the hardware prefetcher cannot guess where the
+// next one starts.
 template <typename T>
 TINY_LLM_INLINE void prefetch_row(const T* row, int64_t elements) {
   const char* bytes = reinterpret_cast<const char*>(row);
@@ -399,16 +358,15 @@ TINY_LLM_INLINE void attend_item(const Problem& p, const Item& it) {
   const T* keys = static_cast<const T*>(p.key_cache);
   const T* values = static_cast<const T*>(p.value_cache);
 
-  // The queries in float32, scaled once; room for a chunk of rows in float32
-  // (used only when T is not float32) and one row of zeros.
+  // The queries in float32, scaled once; one row of K or V in float32 (used
+  // only when T is not float32: float32 rows are read in place).
   std::vector<float> q(size_t(H) * D);
   std::vector<float> scores(size_t(H) * kChunk);
-  std::vector<float> c(H); // per head: how much this chunk rescales acc
-  std::vector<float> converted(size_t(kChunk + 1) * row, 0.0f);
-  const float* zeros = converted.data() + kChunk * row;
+  std::vector<float> converted(row);
   const T* q_src = static_cast<const T*>(p.query) + int64_t(it.seq) * H * D;
   for (int h = 0; h < H; ++h) {
-    const float* qh = row_as_float<T, kF16C>(q_src + h * D, converted.data(), D);
+    const float* qh =
+        row_as_float<T, kF16C>(q_src + h * D, converted.data(), D);
     for (int i = 0; i < D; ++i) {
       q[h * D + i] = qh[i] * p.scale;
     }
@@ -417,7 +375,6 @@ TINY_LLM_INLINE void attend_item(const Problem& p, const Item& it) {
   }
   std::fill(it.acc, it.acc + size_t(H) * D, 0.0f);
 
-  const float* rows[kChunk]; // the chunk's keys, then its values, as float32
   for (int j = it.first_block; j < it.last_block; ++j) {
     // The block table at work: logical block j of this sequence lives in
     // physical block table[j] of the pool.
@@ -428,57 +385,57 @@ TINY_LLM_INLINE void attend_item(const Problem& p, const Item& it) {
     for (int r0 = 0; r0 < in_block; r0 += kChunk) {
       const int n = std::min(kChunk, in_block - r0);
       // 1. scores of n keys for every query head; query head h reads KV
-      //    head h / G of a row. Rows past n point at zeros.
-      const float* chunk =
-          stage<T, kF16C>(keys + start + r0 * row, converted.data(), n * row);
-      for (int t = 0; t < kChunk; ++t) {
-        rows[t] = t < n ? chunk + t * row : zeros;
-      }
-      for (int t = 0; t < n; t += 4) {
-        for (int u = t; u < std::min(n, t + 4) && next >= 0; ++u) {
-          prefetch_row(keys + next + (r0 + u) * row, row);
+      //    head h / G of a row. Each row is read once, for all heads, while
+      //    the same row of the next block is requested.
+      for (int t = 0; t < n; ++t) {
+        const int64_t at = (r0 + t) * row;
+        if (next >= 0) {
+          prefetch_row(keys + next + at, row);
         }
+        const float* k =
+            row_as_float<T, kF16C>(keys + start + at, converted.data(), row);
         for (int h = 0; h < H; ++h) {
-          const int offset = (h / G) * D;
-          const float* k[4] = {
-              rows[t] + offset,
-              rows[t + 1] + offset,
-              rows[t + 2] + offset,
-              rows[t + 3] + offset};
-          dot4<D>(&q[h * D], k, &scores[h * kChunk + t]);
+          scores[h * kChunk + t] = dot<D>(&q[h * D], k + (h / G) * D);
         }
       }
       // 2. online softmax: a new maximum rescales what was summed so far
       for (int h = 0; h < H; ++h) {
         float* s = &scores[h * kChunk];
         for (int t = n; t < kChunk; ++t) {
-          s[t] = -kInf; // padding keys weigh 0
+          s[t] = -kInf; // padding: weighs exp(-inf) = 0
         }
         float m_new = it.m[h];
         for (int t = 0; t < n; ++t) {
           m_new = std::max(m_new, s[t]);
         }
-        c[h] = std::exp(it.m[h] - m_new); // 0 at the start
+        const float correction = std::exp(it.m[h] - m_new); // 0 at the start
         f32x8 total = splat8(0.0f);
         for (int t = 0; t < n; t += 8) {
-          f32x8 e = exp8(load8(s + t) - splat8(m_new));
+          const f32x8 e = exp8(load8(s + t) - splat8(m_new));
           store8(s + t, e);
           total += e;
         }
-        it.l[h] = it.l[h] * c[h] + sum8(total);
+        it.l[h] = it.l[h] * correction + sum8(total);
         it.m[h] = m_new;
-      }
-      // 3. weighted values; the next block's value rows are requested a
-      //    few at a time, spread over the heads
-      chunk = stage<T, kF16C>(values + start + r0 * row, converted.data(), n * row);
-      for (int t = 0; t < n; ++t) {
-        rows[t] = chunk + t * row;
-      }
-      for (int h = 0; h < H; ++h) {
-        for (int u = h * n / H; u < (h + 1) * n / H && next >= 0; ++u) {
-          prefetch_row(values + next + (r0 + u) * row, row);
+        if (correction != 1.0f) {
+          float* acc = it.acc + h * D;
+          for (int i = 0; i < D; ++i) {
+            acc[i] *= correction;
+          }
         }
-        accumulate<D>(it.acc + h * D, c[h], &scores[h * kChunk], rows, (h / G) * D, n);
+      }
+      // 3. weighted values, row by row
+      for (int t = 0; t < n; ++t) {
+        const int64_t at = (r0 + t) * row;
+        if (next >= 0) {
+          prefetch_row(values + next + at, row);
+        }
+        const float* v =
+            row_as_float<T, kF16C>(values + start + at, converted.data(), row);
+        for (int h = 0; h < H; ++h) {
+          add_scaled<D>(
+              it.acc + h * D, scores[h * kChunk + t], v + (h / G) * D);
+        }
       }
     }
   }
@@ -500,7 +457,8 @@ __attribute__((target("avx2,fma,f16c"))) void attend_item_avx2(
 // Tokens per partition (rounded to whole blocks): small enough that one long
 // sequence still feeds every core, large enough that merging is negligible.
 constexpr int kPartitionTokens = 256;
-// Below this many K/V rows to read, waking the workers costs more than it saves.
+// Below this many K/V rows to read, waking the workers costs more than it
+// saves.
 constexpr int64_t kParallelRows = 8192;
 
 template <typename T, int D>
@@ -526,7 +484,12 @@ void run_paged_attention(const Problem& p, int batch, T* out) {
     first_item[b] = int(items.size());
     for (int j = 0; j < blocks; j += blocks_per_part) {
       items.push_back(
-          {b, j, std::min(blocks, j + blocks_per_part), nullptr, nullptr, nullptr});
+          {b,
+           j,
+           std::min(blocks, j + blocks_per_part),
+           nullptr,
+           nullptr,
+           nullptr});
     }
   }
   first_item[batch] = int(items.size());
@@ -539,9 +502,8 @@ void run_paged_attention(const Problem& p, int batch, T* out) {
   }
 
   const int threads = rows >= kParallelRows ? WorkerPool::default_threads() : 1;
-  WorkerPool::get().run(int(items.size()), threads, [&](int i) {
-    item_fn(p, items[i]);
-  });
+  WorkerPool::get().run(
+      int(items.size()), threads, [&](int i) { item_fn(p, items[i]); });
 
   // Merge each sequence's partitions: rescale every partition's state to the
   // largest max, add, divide by the total weight.
@@ -575,7 +537,8 @@ void dispatch_head_dim(const Problem& p, int batch, int head_dim, T* out) {
     case 128:
       return run_paged_attention<T, 128>(p, batch, out);
     default:
-      throw std::invalid_argument("paged_attention: head dim must be 64 or 128");
+      throw std::invalid_argument(
+          "paged_attention: head dim must be 64 or 128");
   }
 }
 
@@ -593,10 +556,12 @@ void copy_strided(const mx::array& src, mx::array& dst) {
   const char* s = src.data<char>();
   char* d = dst.data<char>();
   for (size_t r = 0; r < dst.size() / inner; ++r) {
-    const char* s_row = s + strided_offset(r * inner, shape, src.strides()) * int64_t(item);
+    const char* s_row =
+        s + strided_offset(r * inner, shape, src.strides()) * int64_t(item);
     char* d_row = d + r * inner * item;
     for (size_t j = 0; j < inner; ++j) {
-      std::memcpy(d_row + j * item, s_row + int64_t(j) * step * int64_t(item), item);
+      std::memcpy(
+          d_row + j * item, s_row + int64_t(j) * step * int64_t(item), item);
     }
   }
 }
