@@ -7,16 +7,18 @@ One decode step of one layer: a batch of sequences, each with one new query and 
   CPU it runs as matmuls and a softmax through the BLAS MLX was loaded with).
 Shapes: SmolLM2-135M's attention (9 query / 3 KV heads, D 64) and a Llama-style one (32 / 8,
 D 128), float32 and float16. A step must read all of K and V at least once:
-bytes = 2 * B * H_kv * S * D * itemsize, so time >= bytes / memory bandwidth. Every timing
-cycles through enough copies of K/V (--working-set-mib in all) that they cannot sit in the CPU's
-caches, as in a real model, where each layer has its own cache.
+bytes = 2 * B * H_kv * S * D * itemsize, so time >= bytes / read bandwidth. Every timing cycles
+through enough copies of K/V (--working-set-mib in all) that they cannot sit in the CPU's caches,
+as in a real model, where each layer has its own cache.
 
-Read bandwidth is measured in the same run, interleaved with the cases: NumPy's max over a
---working-set-mib float32 array (reading it once, almost no arithmetic), on one thread and split
-over all cores; the best rate seen in the run is the reference. read_bandwidth_fraction is
-(bytes / our time) / that rate. Timings are the fastest of --reps (ours) or --sdpa-reps (SDPA)
-runs after a warm-up: on a machine shared with other jobs the minimum is the least disturbed.
-Per-dtype and overall figures are geometric means over the cases.
+Read bandwidth is measured on the very same bytes, alternating with our kernel: NumPy's max over
+K and V viewed as uint32 (it reads each byte once and does almost nothing else), on one thread
+and split over all cores, the faster of the two. read_bandwidth_fraction = that read time / our
+time, both the fastest of --reps alternating runs, so a neighbour's load on a shared machine hits
+both sides alike. The arithmetic side: a step does 4 * B * H_q * S * D flops (flop/B column:
+2 * H_q / H_kv flops per element over its size), printed as GFLOP/s beside NumPy's float32
+matmul rate, this machine's arithmetic ceiling measured in the same run. SDPA's time is the
+fastest of --sdpa-reps runs. Per-dtype and overall figures are geometric means over the cases.
 
 Ends with one JSON line (ours_over_sdpa, read_bandwidth_fraction, per-case figures).
 Run: pdm run bench-decode-attention [--batch 8] [--context 4096] [--reps 20] [--sdpa-reps 3]
@@ -73,47 +75,51 @@ def detect_blas() -> str:
     return "unknown"
 
 
-class ReadBandwidth:
-    """NumPy's max over a large float32 array: one thread, and split over every core."""
-
-    def __init__(self, mib: int):
-        self.data = np.ones(mib * 2**20 // 4, dtype=np.float32)
-        self.threads = os.cpu_count() or 1
-        self.parts = np.array_split(self.data, self.threads)
-        self.pool = ThreadPoolExecutor(self.threads)  # NumPy reductions release the GIL
-        self.best = {"1 thread": 0.0, f"{self.threads} threads": 0.0}
-
-    def measure(self, reps: int = 3) -> None:
-        runs = {
-            "1 thread": lambda: self.data.max(),
-            f"{self.threads} threads": lambda: list(self.pool.map(np.max, self.parts)),
-        }
-        for name, run in runs.items():
-            run()
-            for _ in range(reps):
-                start = time.perf_counter()
-                run()
-                rate = self.data.nbytes / (time.perf_counter() - start) / 1e9
-                self.best[name] = max(self.best[name], rate)
-
-    @property
-    def gbs(self) -> float:
-        return max(self.best.values())
-
-
-def fastest(fn, copies: list, reps: int) -> float:
-    """The fastest of `reps` evaluations of fn(*copy) (cycling through copies), in seconds."""
-    mx.eval(fn(*copies[0]))  # warm-up
+def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
+    """float32 GFLOP/s of NumPy's n x n matmul (its OpenBLAS, every core): the arithmetic rate
+    this machine reaches when arithmetic, not memory, is the limit."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
     best = float("inf")
-    for i in range(reps):
-        args = copies[(i + 1) % len(copies)]
+    for _ in range(reps):
         start = time.perf_counter()
-        mx.eval(fn(*args))
+        a @ a
         best = min(best, time.perf_counter() - start)
-    return best
+    return 2 * n**3 / best / 1e9
 
 
-def run_case(name, H_q, H_kv, D, dtype, args, bandwidth: ReadBandwidth) -> dict:
+class Reader:
+    """Reads arrays once with NumPy's max over uint32 views: on one thread, and split over all
+    cores (NumPy releases the GIL in reductions); returns the faster time."""
+
+    def __init__(self):
+        self.threads = os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(self.threads)
+
+    def plan(self, arrays: list[mx.array]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        # np.asarray shares the memory of an evaluated mx.array (no copy).
+        whole = [np.asarray(a).reshape(-1).view(np.uint32) for a in arrays]
+        parts = [p for w in whole for p in np.array_split(w, self.threads)]
+        return whole, parts
+
+    def time(self, plan) -> float:
+        whole, parts = plan
+        start = time.perf_counter()
+        for w in whole:
+            w.max()
+        one = time.perf_counter() - start
+        start = time.perf_counter()
+        list(self.pool.map(np.max, parts))
+        return min(one, time.perf_counter() - start)
+
+
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    mx.eval(fn(*args))
+    return time.perf_counter() - start
+
+
+def run_case(name, H_q, H_kv, D, dtype, args, reader: Reader) -> dict:
     B, S = args.batch, args.context
     dt = getattr(mx, dtype)
     scale = D**-0.5
@@ -127,6 +133,7 @@ def run_case(name, H_q, H_kv, D, dtype, args, bandwidth: ReadBandwidth) -> dict:
         v = mx.random.normal((B, H_kv, S, D)).astype(dt)
         mx.eval(q, k, v)
         copies.append((q, k, v))
+    reads = [reader.plan([k, v]) for _, k, v in copies]
     lengths = mx.full((B,), S, dtype=mx.int32)
 
     def ours(q, k, v):
@@ -135,12 +142,19 @@ def run_case(name, H_q, H_kv, D, dtype, args, bandwidth: ReadBandwidth) -> dict:
     def sdpa(q, k, v):
         return mx.fast.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)
 
-    bandwidth.measure()
-    ours_s = fastest(ours, copies, args.reps)
-    sdpa_s = fastest(sdpa, copies, args.sdpa_reps)
-    bandwidth.measure()
+    timed(ours, *copies[0])  # warm-up
+    reader.time(reads[0])
+    ours_s = read_s = float("inf")
+    for i in range(args.reps):  # ours and a plain read of the same bytes, alternately
+        c = (i + 1) % n_copies
+        ours_s = min(ours_s, timed(ours, *copies[c]))
+        read_s = min(read_s, reader.time(reads[c]))
+    timed(sdpa, *copies[0])
+    sdpa_s = min(timed(sdpa, *copies[(i + 1) % n_copies]) for i in range(args.sdpa_reps))
+
     q, k, v = copies[0]
     diff = mx.abs(ours(q, k, v).astype(mx.float32) - sdpa(q, k, v)[:, :, 0].astype(mx.float32))
+    flops = 4 * B * H_q * S * D  # q . k and weight * v: a multiply and an add each
     return {
         "case": name,
         "dtype": dtype,
@@ -151,9 +165,14 @@ def run_case(name, H_q, H_kv, D, dtype, args, bandwidth: ReadBandwidth) -> dict:
         "copies": n_copies,
         "ours_ms": round(ours_s * 1e3, 3),
         "sdpa_ms": round(sdpa_s * 1e3, 3),
+        "read_ms": round(read_s * 1e3, 3),
         "ours_gbs": round(kv_bytes / ours_s / 1e9, 2),
         "sdpa_gbs": round(kv_bytes / sdpa_s / 1e9, 3),
+        "read_gbs": round(kv_bytes / read_s / 1e9, 2),
         "ours_over_sdpa": round(ours_s / sdpa_s, 4),
+        "read_bandwidth_fraction": round(read_s / ours_s, 3),
+        "flops_per_byte": round(flops / kv_bytes, 2),
+        "ours_gflops": round(flops / ours_s / 1e9, 1),
         "max_abs_diff": float(mx.max(diff)),
     }
 
@@ -170,34 +189,36 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=20, help="timed runs of our kernel per case")
     p.add_argument("--sdpa-reps", type=int, default=3, help="timed runs of MLX SDPA per case")
     p.add_argument("--working-set-mib", type=int, default=256)
-    p.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES + ["bfloat16"])
+    p.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
     args = p.parse_args(argv)
 
     machine, blas = describe_machine(), detect_blas()
     print(f"machine: {machine}; MLX {mx.__version__}; MLX's BLAS: {blas}")
-    print(f"batch {args.batch}, context {args.context}, K/V rotated over {args.working_set_mib} MiB")
-    bandwidth = ReadBandwidth(args.working_set_mib)
+    print(
+        f"batch {args.batch}, context {args.context}, K/V rotated over {args.working_set_mib} MiB"
+    )
+    reader = Reader()
+    gflops = matmul_gflops()
     cases = [
-        run_case(name, H_q, H_kv, D, dtype, args, bandwidth)
+        run_case(name, H_q, H_kv, D, dtype, args, reader)
         for name, H_q, H_kv, D in SHAPES
         for dtype in args.dtypes
     ]
-    bw = bandwidth.gbs
-    for c in cases:
-        c["read_bandwidth_fraction"] = round(c["ours_gbs"] / bw, 3)
-
-    print(f"read bandwidth (NumPy max, best seen): {bw:.1f} GB/s  {bandwidth.best}")
+    gflops = max(gflops, matmul_gflops())
+    print(f"NumPy float32 matmul (the arithmetic ceiling): {gflops:.0f} GFLOP/s")
     header = (
-        f"{'case':24s} {'dtype':8s} {'K/V MiB':>8s} {'ours ms':>9s} {'GB/s':>6s} "
-        f"{'SDPA ms':>9s} {'GB/s':>6s} {'ours/SDPA':>9s} {'of read BW':>10s}"
+        f"{'case':24s} {'dtype':8s} {'K/V MiB':>7s} {'ours ms':>8s} {'GB/s':>6s} "
+        f"{'SDPA ms':>8s} {'GB/s':>5s} {'read GB/s':>9s} {'ours/SDPA':>9s} {'of read':>7s} "
+        f"{'flop/B':>6s} {'GFLOP/s':>7s}"
     )
     print(header)
     print("-" * len(header))
     for c in cases:
         print(
-            f"{c['case']:24s} {c['dtype']:8s} {c['kv_mib']:8.1f} {c['ours_ms']:9.2f} "
-            f"{c['ours_gbs']:6.2f} {c['sdpa_ms']:9.2f} {c['sdpa_gbs']:6.2f} "
-            f"{c['ours_over_sdpa']:9.3f} {c['read_bandwidth_fraction']:10.2f}"
+            f"{c['case']:24s} {c['dtype']:8s} {c['kv_mib']:7.0f} {c['ours_ms']:8.2f} "
+            f"{c['ours_gbs']:6.2f} {c['sdpa_ms']:8.1f} {c['sdpa_gbs']:5.2f} {c['read_gbs']:9.2f} "
+            f"{c['ours_over_sdpa']:9.3f} {c['read_bandwidth_fraction']:7.2f} "
+            f"{c['flops_per_byte']:6.1f} {c['ours_gflops']:7.1f}"
         )
 
     def summary(key: str) -> dict:
@@ -212,8 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
         "blas": blas,
         "batch": args.batch,
         "context": args.context,
-        "read_bandwidth_gbs": round(bw, 2),
-        "read_bandwidth_by": {k: round(v, 2) for k, v in bandwidth.best.items()},
+        "read_gbs_best": max(c["read_gbs"] for c in cases),
+        "matmul_gflops": round(gflops, 1),
         "ours_over_sdpa": summary("ours_over_sdpa"),
         "read_bandwidth_fraction": summary("read_bandwidth_fraction"),
         "cases": cases,

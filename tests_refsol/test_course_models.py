@@ -471,7 +471,10 @@ def _fake_solution(answer_ids, cache_kinds=(), model_error=None):
 
 
 def _run_cli(monkeypatch, capsys, sol, *argv):
-    monkeypatch.setitem(__import__("sys").modules, "tiny_llm", sol)
+    modules = __import__("sys").modules
+    monkeypatch.setitem(modules, "tiny_llm", sol)
+    for name in [m for m in modules if m.startswith("tiny_llm.")]:  # the real package's modules
+        monkeypatch.delitem(modules, name)
     monkeypatch.setattr(cli, "load_model", lambda name, verbose=True: _smollm2())
     code = 0
     try:

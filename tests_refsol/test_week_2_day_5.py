@@ -174,16 +174,21 @@ def cache_views(rng, dtype, view):
     elif view == "projection layout":  # [B, S, H_kv, D] transposed, not copied
         k = rand(rng, (B, S, H_kv, D), dtype).transpose(0, 2, 1, 3)
         v = rand(rng, (B, S, H_kv, D), dtype).transpose(0, 2, 1, 3)
-    else:  # reversed along S: negative strides
+    elif view == "reversed":  # negative strides along S
         k = rand(rng, (B, H_kv, S, D), dtype)[:, :, ::-1]
         v = rand(rng, (B, H_kv, S, D), dtype)[:, :, ::-1]
+    else:  # "head dim strided": D is not the contiguous axis
+        k = rand(rng, (B, H_kv, D, S), dtype).swapaxes(-1, -2)
+        v = rand(rng, (B, H_kv, D, S), dtype).swapaxes(-1, -2)
     q = rand(rng, (B, 1, H_q, D), dtype).transpose(0, 2, 1, 3)[:, :, 0]  # from [B, H_q, 1, D]
     lengths = mx.broadcast_to(i32(257), (B,))  # stride 0
     return q, k, v, lengths
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("view", ["slice of a bigger cache", "projection layout", "reversed"])
+@pytest.mark.parametrize(
+    "view", ["slice of a bigger cache", "projection layout", "reversed", "head dim strided"]
+)
 def test_cpu_cache_views(view, dtype):
     q, k, v, lengths = cache_views(np.random.default_rng(7), dtype, view)
     out = da.decode_attention(q, k, v, lengths, 0.125, stream=mx.cpu)

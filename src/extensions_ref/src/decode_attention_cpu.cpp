@@ -139,6 +139,20 @@ inline f32x8 exp8_nonpositive(const f32x8& x_in) {
   return (f32x8)((i32x8)(p * (f32x8)pow2) & ~tiny);
 }
 
+// The largest of s[0..N), eight lanes at a time.
+template <int N>
+inline float max_of(const float* s) {
+  f32x8 m = load8(s);
+  for (int i = 8; i < N; i += 8) {
+    const f32x8 x = load8(s + i);
+    const i32x8 bigger = x > m;
+    m = (f32x8)(((i32x8)x & bigger) | ((i32x8)m & ~bigger));
+  }
+  return std::max(
+      std::max(std::max(m[0], m[1]), std::max(m[2], m[3])),
+      std::max(std::max(m[4], m[5]), std::max(m[6], m[7])));
+}
+
 // ---- rows of K, V and Q as float --------------------------------------------
 // PlainRows is portable C++; F16cRows (x86 only) converts float16 with the
 // F16C instructions, eight values at a time.
@@ -281,12 +295,8 @@ void attend_unit(
     for (int g = 0; g < G; ++g) {
       float* s = scores + g * kTile;
       std::fill(s + n, s + kTile, kLowest); // repeated keys: weight 0
-      float tile_max = s[0];
-      for (int i = 1; i < n; ++i) {
-        tile_max = std::max(tile_max, s[i]);
-      }
-      const float m_new = std::max(m[g], tile_max);
-      const float correction = std::exp(m[g] - m_new);
+      const float m_new = std::max(m[g], max_of<kTile>(s));
+      const float correction = exp8_nonpositive(splat8(m[g] - m_new))[0];
       if (correction != 1.0f) {
         l[g] *= correction;
         for (int d = 0; d < D; ++d) {
