@@ -37,9 +37,16 @@ def _copy_tree(scratch: Path) -> None:
 
 def _copy_solution(scratch: Path) -> None:
     for src in (scratch / "src" / "tiny_llm_ref").glob("*.py"):
-        text = src.read_text().replace("tiny_llm_ext_ref", "tiny_llm_ext").replace("tiny_llm_ref", "tiny_llm")
+        text = (
+            src.read_text()
+            .replace("tiny_llm_ext_ref", "tiny_llm_ext")
+            .replace("tiny_llm_ref", "tiny_llm")
+        )
         (scratch / "src" / "tiny_llm" / src.name).write_text(text)
-    ext_ref, ext = scratch / "src" / "extensions_ref" / "src", scratch / "src" / "extensions" / "src"
+    ext_ref, ext = (
+        scratch / "src" / "extensions_ref" / "src",
+        scratch / "src" / "extensions" / "src",
+    )
     if ext_ref.is_dir() and ext.is_dir():
         for src in ext_ref.iterdir():
             if src.suffix in (".cpp", ".h", ".metal") and (ext / src.name).exists():
@@ -61,10 +68,16 @@ def main() -> int:
             return 1
         _copy_solution(scratch)
         if run(build):
-            print("learner path: the skeleton with the reference kernels does not build", file=sys.stderr)
+            print(
+                "learner path: the skeleton with the reference kernels does not build",
+                file=sys.stderr,
+            )
             return 1
         weeks = args.week or sorted(
-            {int(f.name.split("_")[2]) for f in (scratch / "tests_refsol").glob("test_week_*_day_*.py")}
+            {
+                int(f.name.split("_")[2])
+                for f in (scratch / "tests_refsol").glob("test_week_*_day_*.py")
+            }
         )
         failed = []
         for week in weeks:

@@ -31,7 +31,9 @@ def _methods(cls) -> dict[str, str]:
         if isinstance(fn, staticmethod | classmethod):
             fn = fn.__func__
         if inspect.isfunction(fn):
-            out[name] = ("property " if isinstance(obj, property) else "") + str(inspect.signature(fn))
+            out[name] = ("property " if isinstance(obj, property) else "") + str(
+                inspect.signature(fn)
+            )
     return out
 
 
