@@ -2,7 +2,8 @@
 
 One decode step of one layer: a batch of sequences, each with one new query and a cache of
 --context keys and values, [B, H_kv, S, D]. Both sides compute the same thing:
-- ours: `tiny_llm_ref.decode_attention.decode_attention` (the C++ kernel of Week 2 Day 5);
+- ours: `tiny_llm_ref.decode_attention.decode_attention` (the C++ kernel of Week 2 Day 5), or with
+  --learner yours, `tiny_llm.decode_attention.decode_attention`;
 - SDPA: `mx.fast.scaled_dot_product_attention(q[:, :, None], k, v)`, MLX's own op (on a Linux
   CPU it runs as matmuls and a softmax through the BLAS MLX was loaded with).
 Shapes: SmolLM2-135M's attention (9 query / 3 KV heads, D 64) and a Llama-style one (32 / 8,
@@ -21,12 +22,13 @@ matmul rate, this machine's arithmetic ceiling measured in the same run. SDPA's 
 fastest of --sdpa-reps runs. Per-dtype and overall figures are geometric means over the cases.
 
 Ends with one JSON line (ours_over_sdpa, read_bandwidth_fraction, per-case figures).
-Run: pdm run bench-decode-attention [--batch 8] [--context 4096] [--reps 20] [--sdpa-reps 3]
+Run: pdm run bench-decode-attention [--learner] [--batch 8] [--context 4096] [--reps 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -38,8 +40,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-
-from tiny_llm_ref.decode_attention import decode_attention
 
 # (name, query heads, KV heads, head dim)
 SHAPES = [("SmolLM2-135M 9/3 D64", 9, 3, 64), ("Llama-style 32/8 D128", 32, 8, 128)]
@@ -119,7 +119,7 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def run_case(name, H_q, H_kv, D, dtype, args, reader: Reader) -> dict:
+def run_case(name, H_q, H_kv, D, dtype, args, reader: Reader, decode_attention) -> dict:
     B, S = args.batch, args.context
     dt = getattr(mx, dtype)
     scale = D**-0.5
@@ -190,17 +190,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sdpa-reps", type=int, default=3, help="timed runs of MLX SDPA per case")
     p.add_argument("--working-set-mib", type=int, default=256)
     p.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
+    p.add_argument(
+        "--learner",
+        action="store_true",
+        help="time your kernel (tiny_llm) instead of the reference",
+    )
     args = p.parse_args(argv)
+    package = "tiny_llm" if args.learner else "tiny_llm_ref"
+    decode_attention = importlib.import_module(f"{package}.decode_attention").decode_attention
 
     machine, blas = describe_machine(), detect_blas()
-    print(f"machine: {machine}; MLX {mx.__version__}; MLX's BLAS: {blas}")
+    print(f"machine: {machine}; MLX {mx.__version__}; MLX's BLAS: {blas}; ours: {package}")
     print(
         f"batch {args.batch}, context {args.context}, K/V rotated over {args.working_set_mib} MiB"
     )
     reader = Reader()
     gflops = matmul_gflops()
     cases = [
-        run_case(name, H_q, H_kv, D, dtype, args, reader)
+        run_case(name, H_q, H_kv, D, dtype, args, reader, decode_attention)
         for name, H_q, H_kv, D in SHAPES
         for dtype in args.dtypes
     ]
@@ -231,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine,
         "mlx": mx.__version__,
         "blas": blas,
+        "solution": package,
         "batch": args.batch,
         "context": args.context,
         "read_gbs_best": max(c["read_gbs"] for c in cases),

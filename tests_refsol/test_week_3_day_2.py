@@ -400,6 +400,9 @@ def lazy_args(case: PagedCase):
 
 
 def check_attention(out, case: PagedCase, what: str):
+    # mx.eval first: an exception inside the kernel's task (a stub's "implement ..." included)
+    # reaches Python only from mx.eval of this very array, not from np.array(out).
+    mx.eval(out)
     assert out.dtype == DTYPES[case.dtype], f"{what}: output is {out.dtype}, inputs {case.dtype}"
     tol = TOL[case.dtype]
     assert_allclose(out, oracle_attention(case), atol=tol, rtol=tol, what=what)
@@ -444,6 +447,7 @@ def test_kernel_cpu_ignores_stale_slots_and_shares_blocks():
     for cache in (case.key_cache, case.value_cache):
         cache[~owned] = np.round(rng.standard_normal(cache[~owned].shape) * 20)
     out = pa.paged_attention(*lazy_args(case), stream=mx.cpu)
+    mx.eval(out)
     assert_allclose(out, expected, atol=TOL["float32"], what="CPU kernel with stale slots")
 
 
@@ -510,8 +514,21 @@ def test_kernel_cpu_checks_lazy_tables_in_its_task(tables, lens):
     out = pa.paged_attention(q, kc, vc, t, n, 0.125, stream=mx.cpu)
     with pytest.raises(RuntimeError, match="paged_attention: (block_tables|context_lens)"):
         mx.eval(out)
+    # MLX may report a task's error to a later evaluation, or not at all when the output is
+    # read another way: whatever reads it must then see NaN, not what the memory held.
+    out = pa.paged_attention(q, kc, vc, t * 1, n * 1, 0.125, stream=mx.cpu)
+    assert_error_or(lambda: np.isnan(np.array(out + 1)).all(), "output after a failed check")
     ok = pa.paged_attention(q, kc, vc, mx.array([[0, 1], [2, 3]]) * 1, mx.array([9, 3]) * 1, 1.0)
     mx.eval(ok)  # the stream still works after the error
+
+
+def assert_error_or(check, what: str):
+    """`check()` is true, or evaluating it raises the kernel's RuntimeError."""
+    try:
+        ok = check()
+    except RuntimeError:
+        return
+    assert ok, f"{what}: wrong (expected NaN / the old values, or the kernel's error)"
 
 
 # --- Task 5: the Metal kernel, through the recorded dispatch ----------------------------------
@@ -624,6 +641,7 @@ def test_reshape_and_cache_kernel_cpu(dtype):
     new_k, new_v = pa.reshape_and_cache(
         *write_args(key, value, kc, vc, slots, dtype), stream=mx.cpu
     )
+    mx.eval(new_k, new_v)  # a task's exception reaches Python only from mx.eval
     ek, ev = oracle_write(key, value, kc, vc, slots)
     assert new_k.dtype == DTYPES[dtype] and new_k.shape == kc.shape
     assert_allclose(new_k, ek, atol=0, what="key cache after the CPU write")
@@ -664,6 +682,7 @@ def test_reshape_and_cache_kernel_broadcast_cache():
     kc, vc = pa.reshape_and_cache(
         key, key, mx.zeros((4, 8, 2, 64)), mx.zeros((4, 8, 2, 64)), [3, 31]
     )
+    mx.eval(kc)
     expected = np.zeros((32, 2, 64))
     expected[[3, 31]] = 1
     assert_allclose(kc.reshape(32, 2, 64), expected, atol=0, what="write into mx.zeros")
@@ -685,6 +704,10 @@ def test_reshape_and_cache_kernel_bad_input():
     new_k, _ = call(x, x, kc, vc, mx.array([0, 40, 1]) * 1, stream=mx.cpu)  # checked in the task
     with pytest.raises(RuntimeError, match="reshape_and_cache: slot_mapping"):
         mx.eval(new_k)
+    old = mx.ones((4, 8, 2, 64)) * 3
+    mx.eval(old)
+    new_k, _ = call(x, x, old, old, mx.array([0, 40, 1]) * 1, stream=mx.cpu)
+    assert_error_or(lambda: (np.array(new_k + 0) == 3).all(), "cache after a failed write")
 
 
 @pytest.mark.metal
@@ -733,6 +756,7 @@ def test_kernels_decode_loop():
         out = pa.paged_attention(
             mx.array(q), kc, vc, mx.array([table], dtype=mx.int32), mx.array([n]), d**-0.5
         )
+        mx.eval(out)
         s = np.einsum("hgd,thd->hgt", q[0].reshape(h_kv, 2, d), keys[:n]) * d**-0.5
         p = np.exp(s - s.max(-1, keepdims=True))
         expected = np.einsum("hgt,thd->hgd", p / p.sum(-1, keepdims=True), values[:n])

@@ -259,21 +259,27 @@ void PagedAttention::eval_cpu(
                     out = mx::array::unsafe_weak_copy(out),
                     scale = scale_]() mutable {
     // The tables may have been computed just now: check them before any
-    // block id is used to address the cache. The exception surfaces as a
-    // RuntimeError from mx.eval.
-    const auto& kc = inputs[1];
-    const auto& tables = inputs[3];
-    auto error = check_block_tables(
-        tables.data<int32_t>(),
-        inputs[4].data<int32_t>(),
-        tables.shape(0),
-        tables.shape(1),
-        kc.shape(1),
-        kc.shape(0));
-    if (!error.empty()) {
-      throw std::invalid_argument("paged_attention: " + error);
+    // block id is used to address the cache. MLX raises a task's exception
+    // (as RuntimeError) only from mx.eval of this very array; whatever else
+    // reads the output gets it as computed, so on any error it is NaN.
+    try {
+      const auto& kc = inputs[1];
+      const auto& tables = inputs[3];
+      auto error = check_block_tables(
+          tables.data<int32_t>(),
+          inputs[4].data<int32_t>(),
+          tables.shape(0),
+          tables.shape(1),
+          kc.shape(1),
+          kc.shape(0));
+      if (!error.empty()) {
+        throw std::invalid_argument("paged_attention: " + error);
+      }
+      paged_attention_cpu(inputs, out, scale);
+    } catch (...) {
+      fill_nan(out);
+      throw;
     }
-    paged_attention_cpu(inputs, out, scale);
   });
 }
 
@@ -370,14 +376,18 @@ void ReshapeAndCache::eval_cpu(
   encoder.dispatch([in = std::move(in),
                     out = mx::array::unsafe_weak_copy(out),
                     copy]() mutable {
-    // Checked before anything is written, so on error the cache is as it
-    // was (a donated buffer included).
+    // Checked before anything is written, so on error the output is the
+    // cache as it was (MLX raises the error only from mx.eval of this array;
+    // what else reads the output must not get garbage).
     const auto& cache = in[1];
     auto error = check_slot_mapping(
         in[2].data<int32_t>(),
         in[2].size(),
         int64_t(cache.shape(0)) * cache.shape(1));
     if (!error.empty()) {
+      if (copy) {
+        copy_into(cache, out);
+      }
       throw std::invalid_argument("reshape_and_cache: " + error);
     }
     reshape_and_cache_cpu(in, out, copy);

@@ -83,6 +83,11 @@ void paged_attention_cpu(
 void reshape_and_cache_cpu(
     const std::vector<mx::array>& inputs, mx::array& out, bool copy);
 
+// Provided helpers: `out` set to NaN (what an output reads as after an error)
+// and `src` (any strides) copied into the row-major `dst`.
+void fill_nan(mx::array& out);
+void copy_into(const mx::array& src, mx::array& dst);
+
 // ---- the Metal dispatch (written once; run by eval_gpu and recorded) -------
 
 void encode_paged_attention(

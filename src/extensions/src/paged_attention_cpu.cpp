@@ -35,6 +35,7 @@
 #include "utils.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define TINY_LLM_X86_DISPATCH 1
 #else
@@ -47,9 +48,9 @@
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
-#define TINY_LLM_INLINE inline __attribute__((always_inline))
+#define TINY_LLM_INLINE [[maybe_unused]] inline __attribute__((always_inline))
 #else
-#define TINY_LLM_INLINE inline
+#define TINY_LLM_INLINE [[maybe_unused]] inline
 #endif
 
 namespace tiny_llm {
@@ -251,8 +252,8 @@ TINY_LLM_INLINE void add_scaled(float* y, float w, const float* x) {
 #if TINY_LLM_X86_DISPATCH
 // Not inlined: an intrinsic that needs F16C may only be inlined into a
 // function compiled for F16C.
-__attribute__((target("avx,f16c"), noinline)) void half_to_float_f16c(
-    const uint16_t* src, float* dst, int n) {
+[[maybe_unused]] __attribute__((target("avx,f16c"), noinline)) void
+half_to_float_f16c(const uint16_t* src, float* dst, int n) {
   int i = 0;
   for (; i + 8 <= n; i += 8) {
     __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
@@ -264,9 +265,14 @@ __attribute__((target("avx,f16c"), noinline)) void half_to_float_f16c(
 }
 
 bool cpu_has_avx2_fma_f16c() {
-  static const bool has = __builtin_cpu_supports("avx2") &&
-                          __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  // F16C is CPUID leaf 1, ECX bit 29 (some compilers' __builtin_cpu_supports
+  // do not know the name "f16c").
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx >> 29 & 1);
+    return f16c && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+  }();
   return has;
 }
 #endif
@@ -333,7 +339,8 @@ struct Item {
   float* acc; // [H_q, D]
 };
 
-constexpr int kChunk = 16; // keys scored before their values are read (8k)
+// Keys scored before their values are read (a multiple of 8: exp8's width).
+[[maybe_unused]] constexpr int kChunk = 16;
 
 // Ask for a row's memory now, to be read later: the blocks of a sequence are
 // scattered over the pool, so the hardware prefetcher cannot guess where the
@@ -475,30 +482,6 @@ void dispatch_head_dim(const Problem& p, int batch, int head_dim, T* out) {
   }
 }
 
-// Copies `src` (any strides) into the row-major `dst`, one last-axis row at a
-// time.
-void copy_strided(const mx::array& src, mx::array& dst) {
-  const size_t item = src.itemsize();
-  if (src.flags().row_contiguous) {
-    std::memcpy(dst.data<char>(), src.data<char>(), dst.nbytes());
-    return;
-  }
-  const auto& shape = dst.shape();
-  const size_t inner = shape.back();
-  const int64_t step = src.strides().back();
-  const char* s = src.data<char>();
-  char* d = dst.data<char>();
-  for (size_t r = 0; r < dst.size() / inner; ++r) {
-    const char* s_row =
-        s + strided_offset(r * inner, shape, src.strides()) * int64_t(item);
-    char* d_row = d + r * inner * item;
-    for (size_t j = 0; j < inner; ++j) {
-      std::memcpy(
-          d_row + j * item, s_row + int64_t(j) * step * int64_t(item), item);
-    }
-  }
-}
-
 } // namespace
 
 void paged_attention_cpu(
@@ -532,10 +515,46 @@ void paged_attention_cpu(
   }
 }
 
+// One last-axis row at a time; strides are in elements and may be 0.
+void copy_into(const mx::array& src, mx::array& dst) {
+  const size_t item = src.itemsize();
+  if (src.flags().row_contiguous) {
+    std::memcpy(dst.data<char>(), src.data<char>(), dst.nbytes());
+    return;
+  }
+  const auto& shape = dst.shape();
+  const size_t inner = shape.back();
+  const int64_t step = src.strides().back();
+  const char* s = src.data<char>();
+  char* d = dst.data<char>();
+  for (size_t r = 0; r < dst.size() / inner; ++r) {
+    const char* s_row =
+        s + strided_offset(r * inner, shape, src.strides()) * int64_t(item);
+    char* d_row = d + r * inner * item;
+    for (size_t j = 0; j < inner; ++j) {
+      std::memcpy(
+          d_row + j * item, s_row + int64_t(j) * step * int64_t(item), item);
+    }
+  }
+}
+
+void fill_nan(mx::array& out) {
+  // A quiet NaN in each format: float32 0x7FC00000, float16 0x7E00,
+  // bfloat16 0x7FC0.
+  if (out.dtype() == mx::float32) {
+    std::fill_n(
+        out.data<float>(), out.size(), std::numeric_limits<float>::quiet_NaN());
+  } else {
+    const uint16_t bits = out.dtype() == mx::float16 ? 0x7E00 : 0x7FC0;
+    std::fill_n(
+        reinterpret_cast<uint16_t*>(out.data<void>()), out.size(), bits);
+  }
+}
+
 void reshape_and_cache_cpu(
     const std::vector<mx::array>& inputs, mx::array& out, bool copy) {
   if (copy) {
-    copy_strided(inputs[1], out); // the cache's old contents, when not donated
+    copy_into(inputs[1], out); // the cache's old contents, when not donated
   }
   // TODO(Week 3 Day 2, task 6): inputs[0] holds T rows of H_kv * D elements
   // (rows.shape(1) * rows.shape(2)); copy row t to row slots[t] of `out`

@@ -69,14 +69,15 @@ template <typename T, int D>
     }
   }
 
-  // Online softmax state for this SIMD-group's keys. m starts at the lowest
-  // finite float rather than -inf: Metal compiles with fast math, where
-  // infinities are not guaranteed to behave.
+  // Online softmax state for this SIMD-group's keys. m starts below any real
+  // score but not at -inf, nor so low that m - score overflows to -inf:
+  // Metal compiles with fast math, where infinities are not guaranteed to
+  // behave. exp(-1e30 - score) is simply 0.
   float m[MAX_HEADS];
   float l[MAX_HEADS];
   float acc[MAX_HEADS][E];
   for (int g = 0; g < MAX_HEADS; ++g) {
-    m[g] = numeric_limits<float>::lowest();
+    m[g] = -1e30f;
     l[g] = 0.0f;
     for (int e = 0; e < E; ++e) {
       acc[g][e] = 0.0f;
@@ -137,7 +138,7 @@ template <typename T, int D>
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     if (int(tid) < D) {
-      float big_m = numeric_limits<float>::lowest();
+      float big_m = -numeric_limits<float>::max();
       for (int i = 0; i < SIMDGROUPS; ++i) {
         if (tg_l[i][g] > 0.0f) {
           big_m = max(big_m, tg_m[i][g]);

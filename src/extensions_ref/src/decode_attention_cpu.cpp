@@ -116,10 +116,10 @@ inline f32x8 sum8x8(const f32x8* v) {
 }
 
 // exp(x) for x <= 0 (scores minus their running maximum), eight at a time:
-// round x / ln 2 to an integer n, take a degree-6 polynomial for exp(r) on
-// r = x - n ln 2 in [-ln2/2, ln2/2] (Cephes' expf coefficients, about 1 ulp),
-// and build 2^n from its exponent bits. Below -87 the result would leave the
-// normal floats: such a weight is 0.
+// round x / ln 2 to an integer n, approximate exp(r) on r = x - n ln 2 in
+// [-ln2/2, ln2/2] by 1 + r + r^2 P(r), P of degree 5 (Cephes' expf, about
+// 1 ulp), and build 2^n from its exponent bits. Below -87 the result would
+// leave the normal floats: such a weight is 0.
 inline f32x8 exp8_nonpositive(const f32x8& x_in) {
   const f32x8 lowest = splat8(-87.0f);
   const i32x8 tiny = x_in < lowest; // all ones where x < -87
