@@ -25,6 +25,7 @@
 // On x86-64 the kernel is compiled twice: for the baseline CPU (SSE2, what
 // the wheel must run on) and for AVX2 + FMA + F16C, picked at run time.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #define TINY_LLM_X86_CLONES 1
 #endif
@@ -343,9 +344,14 @@ __attribute__((target("avx2,fma,f16c"), flatten)) void attend_unit_avx2(
 }
 
 bool cpu_has_avx2_fma_f16c() {
-  static const bool yes = __builtin_cpu_supports("avx2") &&
-                          __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  // F16C is CPUID leaf 1, ECX bit 29: clang rejects
+  // __builtin_cpu_supports("f16c").
+  static const bool yes = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx >> 29 & 1);
+    return f16c && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+  }();
   return yes;
 }
 #endif
