@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from tiny_llm_common.checkpoints import random_checkpoint
+from tiny_llm_common.machine import describe_machine
 from tiny_llm_ref.complexity import (
     attention_share,
     dense_flops_per_token,
@@ -57,18 +56,6 @@ class Counting:
         self.calls += 1
         self.positions += tokens.shape[0] * tokens.shape[1]
         return self.model(tokens, cache)
-
-
-def describe_machine() -> str:
-    """CPU model and core count (Linux), else what platform knows."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        name = next(
-            ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln
-        )
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{os.cpu_count()}-core {name}, {platform.system()}"
 
 
 def run_once(model, n: int, cached: bool) -> dict:

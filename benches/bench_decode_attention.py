@@ -32,47 +32,17 @@ import importlib
 import json
 import math
 import os
-import platform
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from tiny_llm_common.machine import describe_machine, detect_blas
+
 # (name, query heads, KV heads, head dim)
 SHAPES = [("SmolLM2-135M 9/3 D64", 9, 3, 64), ("Llama-style 32/8 D128", 32, 8, 128)]
 DTYPES = ["float32", "float16"]
-
-
-def describe_machine() -> str:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        name = next(
-            ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln
-        )
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{os.cpu_count()}-core {name}, {platform.system()}"
-
-
-def detect_blas() -> str:
-    """The BLAS MLX's CPU matmuls (and so its CPU attention) call, from the mapped libraries."""
-    mx.eval(mx.ones((8, 8)) @ mx.ones((8, 8)))
-    if sys.platform == "darwin":
-        return "Accelerate (macOS)"
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "unknown"
-    libs = {ln.split()[-1] for ln in maps.splitlines() if "blas" in ln.lower() and "/" in ln}
-    libs = sorted(lib for lib in libs if "scipy_openblas" not in lib)  # NumPy's own copy
-    if any("openblas" in Path(lib).name.lower() for lib in libs):
-        return "OpenBLAS (preloaded)"
-    if any("mlx_cpu" in lib for lib in libs):
-        return "reference BLAS bundled with mlx-cpu"
-    return "unknown"
 
 
 def matmul_gflops(n: int = 1024, reps: int = 5) -> float:

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
-from pathlib import Path
 
 import mlx.core as mx
 
+from tiny_llm_common.machine import describe_machine
 from tiny_llm_common.weights import ModelArgs
 from tiny_llm_common.workload import make_workload
 from tiny_llm_ref.kv_memory import contiguous_waste, gqa_savings, kv_bytes, kv_bytes_per_token
@@ -34,17 +32,6 @@ MODELS = [
     ("Llama-2-7B", ModelArgs("llama", 4096, 32, 11008, 32, 32, 32000, head_dim=128), "float16"),
 ]
 MAX_LENS = (2048, 4096)
-
-
-def describe_machine() -> str:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        name = next(
-            ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if "model name" in ln
-        )
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{os.cpu_count()}-core {name}, {platform.system()}"
 
 
 def model_rows() -> list[dict]:
