@@ -51,12 +51,15 @@ class PagedStep:
 class PagedKVCache:
     """A block pool for all layers of one model, and the block tables of its sequences.
 
-    `manager` is the pool's BlockManager (Day 1); a scheduler may fork sequences through it
-    (their shared blocks are copied on write by `begin_step`). `keys[layer]`, `values[layer]`
+    `manager` is the pool's BlockManager (Day 1; pass one in to use a subclass, such as Day 6's
+    prefix-caching manager); a scheduler may fork sequences through it (their shared blocks are
+    copied on write by `begin_step`). `keys[layer]`, `values[layer]`
     are the layers' caches, [num_blocks, block_size, H_kv, D].
     """
 
-    def __init__(self, model_or_args, num_blocks: int, block_size: int = 16, dtype=mx.float32):
+    def __init__(
+        self, model_or_args, num_blocks: int, block_size: int = 16, dtype=mx.float32, manager=None
+    ):
         args = getattr(model_or_args, "args", model_or_args)
         try:
             layers, h_kv, d = args.num_hidden_layers, args.num_key_value_heads, args.head_dim
@@ -66,7 +69,14 @@ class PagedKVCache:
             ) from None
         if dtype not in pa.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        self.manager = BlockManager(num_blocks, block_size)  # checks the two counts
+        if manager is None:
+            manager = BlockManager(num_blocks, block_size)  # checks the two counts
+        elif (manager.num_blocks, manager.block_size) != (num_blocks, block_size):
+            raise ValueError(
+                f"manager has {manager.num_blocks} blocks of {manager.block_size}, "
+                f"the pool {num_blocks} of {block_size}"
+            )
+        self.manager = manager  # a subclass may add policies (Day 6: prefix caching)
         self.max_positions = getattr(args, "max_position_embeddings", None)
         self.dtype = dtype
         shape = (num_blocks, block_size, h_kv, d)
