@@ -32,8 +32,8 @@ from .sequence import (
     CompletionOutput,
     RequestOutput,
     SamplingParams,
-    Sequence,
     SeqStatus,
+    Sequence,
     sample_rows,
 )
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .paged_kv_cache import PagedKVCache
 from .prefix_cache import PrefixCachingBlockManager
-from .sequence import Sequence, SeqStatus
+from .sequence import SeqStatus, Sequence
 
 
 @dataclass
