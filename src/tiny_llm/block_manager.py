@@ -106,6 +106,13 @@ class BlockManager:
     # `self._lens[seq_id]` (tokens). Check that a request fits BEFORE changing anything: a call
     # that raises OutOfBlocksError must leave all four exactly as they were.
 
+    def _take(self) -> int:
+        """Take the leftmost free block with reference count 1 (provided). Take every block
+        through this method: Day 6's prefix cache overrides it to evict cached blocks."""
+        block = self._free.popleft()
+        self._ref_counts[block] = 1
+        return block
+
     def can_allocate(self, n_tokens: int) -> bool:
         # TODO(Week 3 Day 1, task 1): do blocks_needed(n_tokens) blocks remain free?
         raise NotImplementedError(
@@ -118,8 +125,8 @@ class BlockManager:
         _count("n_tokens", n_tokens)
         # TODO(Week 3 Day 1, task 1):
         # - too few free blocks: raise OutOfBlocksError (a message with the numbers);
-        # - take blocks_needed(n_tokens) blocks from the left of the free list, each with
-        #   reference count 1; record the table and the length; return a copy of the table.
+        # - take blocks_needed(n_tokens) blocks with self._take() (the left of the free list,
+        #   reference count 1); record the table and the length; return a copy of the table.
         raise NotImplementedError(
             "Week 3 Day 1, task 1: implement `allocate` in src/tiny_llm/block_manager.py"
         )
@@ -154,7 +161,7 @@ class BlockManager:
         # - new blocks = blocks_needed(length + n_tokens) - len(table);
         # - (after task 4) copy-on-write: if n_tokens > 0, the last block is partly filled
         #   (length % block_size != 0) and shared (reference count > 1), this sequence must not
-        #   write into it: it needs one more block, takes a fresh one in its place, drops its
+        #   write into it: it needs one more block, takes a fresh one (self._take()) in its place, drops its
         #   reference to the old one and reports (old, new);
         # - too few free blocks for all of that: raise OutOfBlocksError before changing anything;
         # - otherwise take the blocks, add n_tokens to the length, return the pairs.

@@ -102,6 +102,8 @@ class BlockManager:
 
     # -- growing, freeing and sharing (tasks 1-4) -----------------------------------------------
     def _take(self) -> int:
+        """Take the leftmost free block with reference count 1 (provided). Take every block
+        through this method: Day 6's prefix cache overrides it to evict cached blocks."""
         block = self._free.popleft()
         self._ref_counts[block] = 1
         return block

@@ -108,7 +108,7 @@ class LLMEngine:
         self._next_request, self._next_seq = itertools.count(), itertools.count()
         self._t0: float | None = None
 
-    # -- submission (provided) ------------------------------------------------------------------
+    # -- submission (provided) --------------------------------------------------------------------
     def add_request(self, prompt_tokens, params: SamplingParams | None = None) -> int:
         """Queue a request; returns its id. A request the engine could never serve raises
         ValueError here, and the engine goes on serving the others."""
@@ -133,7 +133,7 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    # -- task 1 (Day 4): one iteration -----------------------------------------------------------
+    # -- Day 4, tasks 3-5: one iteration ----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample, retire. Returns the requests that finished."""
         if self._t0 is None:
@@ -192,11 +192,12 @@ class LLMEngine:
         del self._requests[seq.request_id]
         return [self._output(seq.request_id, samples)]
 
-    # -- task 2 (Day 5): parallel sampling shares the prompt's blocks --------------------------
+    # -- Day 5, task 1: parallel sampling shares the prompt's blocks ------------------------------
     def _fork_samples(self, seq: Sequence, logits_row: mx.array) -> None:
         """After sample 0's prompt is in the cache, start its n - 1 siblings as forks of it:
         they share every block (no copy) and each draws its own first token from the same
-        logits. The first write into a shared, partly filled block is copied by the cache."""
+        logits. Sample i samples with seed `seq.seed + i` (sample 0's is the request's seed).
+        The first write into a shared, partly filled block is copied by the cache."""
         seq.forked = True
         siblings = []
         for index in range(1, seq.params.n):
@@ -213,7 +214,7 @@ class LLMEngine:
         for child, token in zip(siblings, tokens, strict=True):
             self._append_token(child, token)
 
-    # -- prefix caching hook (Day 6) and reports (provided) ------------------------------------
+    # -- prefix caching hook (Day 6) and reports (provided) ---------------------------------------
     def _commit(self, seq: Sequence) -> None:
         if isinstance(self.cache.manager, PrefixCachingBlockManager) and seq.seq_id in self.cache:
             self.cache.manager.commit(seq.seq_id, seq.tokens)

@@ -40,7 +40,7 @@ class PrefixCachingBlockManager(BlockManager):
         """Blocks that currently have a name (held by a sequence or free)."""
         return len(self._hash_of)
 
-    # -- task 1: find and take a cached prefix --------------------------------------------------
+    # -- tasks 1-2: find and take a cached prefix -------------------------------------------------
     def match_prefix(self, tokens: Sequence[int]) -> list[int]:
         """Blocks holding the longest cached prefix of `tokens`, in order.
 
@@ -71,7 +71,7 @@ class PrefixCachingBlockManager(BlockManager):
         self._seq_hashes[seq_id] = [self._hash_of[b] for b in blocks]
         return self._lens[seq_id]
 
-    # -- task 2: name the blocks a sequence has filled --------------------------------------------
+    # -- task 3: name the blocks a sequence has filled --------------------------------------------
     def commit(self, seq_id: Hashable, tokens: Sequence[int]) -> None:
         """Name the sequence's full blocks that have no name yet. `tokens` are the sequence's
         tokens; the first `seq_len(seq_id)` of them are stored."""
@@ -90,7 +90,7 @@ class PrefixCachingBlockManager(BlockManager):
                 self._block_of[h], self._hash_of[block] = block, h
                 self._tokens_of[block] = chunk
 
-    # -- task 3: eviction happens when a free block is reused ---------------------------------------
+    # -- task 4: eviction happens when a free block is reused -------------------------------------
     def _take(self) -> int:
         block = super()._take()  # the least recently freed block
         h = self._hash_of.pop(block, None)
@@ -98,7 +98,7 @@ class PrefixCachingBlockManager(BlockManager):
             del self._block_of[h], self._tokens_of[block]
         return block
 
-    # -- bookkeeping the base class does not know about (provided) -----------------------------
+    # -- bookkeeping the base class does not know about (provided) --------------------------------
     def free(self, seq_id: Hashable) -> None:
         # Return the last blocks first: they go left of the prefix's first blocks in the free
         # list, so they are evicted first and the widely shared roots of a prefix last.

@@ -49,7 +49,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: the last is preempted first
         self.num_preemptions = 0
 
-    # -- queues (provided) ----------------------------------------------------------------------
+    # -- queues (provided) ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
@@ -68,7 +68,7 @@ class Scheduler:
         self.cache.free(seq.seq_id)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
 
-    # -- task 1 (Day 4): one step's batch ------------------------------------------------------
+    # -- Day 4, tasks 1-2: one step's batch -------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:
         """Prefill admitted waiting sequences if any can be admitted; otherwise decode every
         running sequence (preempting some if the pool is short). None when nothing is left."""
@@ -77,7 +77,9 @@ class Scheduler:
             return ScheduledBatch(admitted, [s.num_to_compute for s in admitted], True)
         if not self.running:
             return None
-        self._make_room_for_decode()
+        ids = [s.seq_id for s in self.running]
+        if not self.cache.can_begin_step(ids, [1] * len(ids)):  # short of blocks (Day 7)
+            self._make_room_for_decode()
         return ScheduledBatch(list(self.running), [1] * len(self.running), False)
 
     def _admit(self) -> list[Sequence]:
@@ -108,7 +110,7 @@ class Scheduler:
         self.running.extend(batch)
         return batch
 
-    # -- task 2 (Day 7): preemption -------------------------------------------------------------
+    # -- Day 7, tasks 1-2: preemption -------------------------------------------------------------
     def _make_room_for_decode(self) -> None:
         """Preempt the most recently admitted sequences until all the others can decode."""
         while not self.cache.can_begin_step(
