@@ -76,6 +76,9 @@ void register_decode_attention( // decode_attention_bindings.cpp
     nb::module_& m, nb::list (*plan_to_list)(const std::vector<Command>&));
 void register_paged_attention( // paged_attention_bindings.cpp
     nb::module_& m, nb::list (*plan_to_list)(const std::vector<Command>&));
+// paged_attention_quantized_bindings.cpp
+void register_paged_attention_quantized(
+    nb::module_& m, nb::list (*plan_to_list)(const std::vector<Command>&));
 } // namespace tiny_llm
 
 NB_MODULE(_ext, m) {
@@ -115,4 +118,5 @@ NB_MODULE(_ext, m) {
 
   tiny_llm::register_decode_attention(m, plan_to_list);
   tiny_llm::register_paged_attention(m, plan_to_list);
+  tiny_llm::register_paged_attention_quantized(m, plan_to_list);
 }
