@@ -19,6 +19,17 @@ benches/bench_block_waste.py (its functions, unchanged). The block-size study ti
 blocks of 8 to 128 tokens and plots time and waste to book/src/images/week3-paged-block-size.png.
 
 Run: pdm run bench-paged [--batch 8] [--context 4096] [--rounds 15] [--no-plot]
+
+`--device gpu` (MLX with CUDA on an NVIDIA GPU: `pdm install -G cuda`) benchmarks the CUDA kernel
+instead (src/tiny_llm_ref/paged_attention_cuda.py), through the same `paged_attention` entry point:
+batch 8, 32 query / 8 KV heads, D = 128, float16, contexts 1024 / 4096 / 16384, against
+`mx.fast.scaled_dot_product_attention` on the same K/V laid out contiguously. Each timing evaluates
+a batch of calls built beforehand (so Python's graph building is not timed) over several copies of
+the data (so no call finds its K/V in the 50 MB L2 cache); the bandwidth the kernel is held to is
+measured in the same run, before and after: a sum over 1 GiB (read) and a 1 GiB copy (read +
+write), the best of both.
+
+Run: pdm run bench-paged --device gpu [--rounds 15]
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -261,14 +273,217 @@ def plot(study: dict, dtype: str, batch: int, context: int, machine: str) -> Non
     fig.savefig(PLOT, dpi=110)
 
 
+# -- --device gpu: the CUDA kernel on an NVIDIA GPU ------------------------------------------------
+GPU_HEADS = (32, 8, 128)  # H_q, H_kv, D: a Llama-3-8B-like layer
+GPU_CONTEXTS = (1024, 4096, 16384)
+GPU_BLOCK = 16
+L2_FLUSH_BYTES = 256 * 2**20  # K/V copies per timing: at least this many bytes, > 5 x L2
+
+
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        return out.splitlines()[0] if out else "unknown GPU"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown GPU (no nvidia-smi)"
+
+
+def gpu_seconds(make, calls: int, rounds: int) -> list[float]:
+    """Seconds per call: `calls` calls (make(i) builds call i, lazily) evaluated together, the
+    graph built before the clock starts; one figure per round."""
+    mx.eval(make(0))  # compiles the kernel on first use (NVRTC)
+    out = []
+    for _ in range(rounds):
+        outs = [make(i) for i in range(calls)]
+        mx.synchronize()
+        t0 = time.perf_counter()
+        mx.eval(outs)
+        out.append((time.perf_counter() - t0) / calls)
+    return out
+
+
+def gpu_bandwidth(rounds: int = 5) -> dict[str, float]:
+    """Bytes/s of a sum over 1 GiB of float16 (read) and of a 1 GiB copy (read + write)."""
+    x = mx.random.normal((2**29,), dtype=mx.float16)
+    ys = [x + i for i in range(4)]  # 4 GiB: consecutive calls cannot hit the L2 cache
+    mx.eval(ys)
+    read = gpu_seconds(lambda i: mx.sum(ys[i % 4]), 8, rounds)
+    copy = gpu_seconds(lambda i: ys[i % 4] * 1, 8, rounds)
+    return {"sum_read": x.nbytes / min(read), "copy_read_write": 2 * x.nbytes / min(copy)}
+
+
+def gpu_case(batch: int, context: int, copies: int, seed: int):
+    """`copies` independent (q, contiguous K, V, pool K, V) sets of float16 data, same tables."""
+    h_q, h_kv, d = GPU_HEADS
+    mx.random.seed(seed)
+    table = block_tables(batch, context, GPU_BLOCK, seed)
+    order = mx.array(np.argsort(table.reshape(-1)).astype(np.int32))  # pool slot -> block
+    per_seq = context // GPU_BLOCK
+    sets = []
+    for _ in range(copies):
+        q = mx.random.normal((batch, h_q, d), dtype=mx.float16)
+        k, v = (mx.random.normal((batch, h_kv, context, d), dtype=mx.float16) for _ in "kv")
+
+        def pool(x):  # [B, H, S, D] -> blocks in table order -> [num_blocks, block, H, D]
+            blocks = x.reshape(batch, h_kv, per_seq, GPU_BLOCK, d).transpose(0, 2, 3, 1, 4)
+            return mx.contiguous(blocks.reshape(batch * per_seq, GPU_BLOCK, h_kv, d)[order])
+
+        sets.append((q, k, v, pool(k), pool(v)))
+        mx.eval(sets[-1])
+    return sets, mx.array(table), mx.full((batch,), context, dtype=mx.int32)
+
+
+def bench_gpu_context(batch: int, context: int, rounds: int, bandwidth: float) -> dict:
+    from tiny_llm_ref.paged_attention_cuda import paged_attention_cuda
+
+    h_q, h_kv, d = GPU_HEADS
+    kv_bytes = 2 * batch * h_kv * context * d * 2
+    copies = max(1, -(-L2_FLUSH_BYTES // kv_bytes))
+    sets, tables, lens = gpu_case(batch, context, copies, seed=context)
+    scale = d**-0.5
+
+    def paged(i, **kw):
+        q, _, _, kc, vc = sets[i % copies]
+        if kw:
+            return paged_attention_cuda(q, kc, vc, tables, lens, scale, **kw)
+        return paged_attention(q, kc, vc, tables, lens, scale)  # the course's entry point
+
+    def sdpa(i):
+        q, k, v, _, _ = sets[i % copies]
+        return mx.fast.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)[:, :, 0]
+
+    def gather(i):
+        q, _, _, kc, vc = sets[i % copies]
+        return paged_attention_mlx(q, kc, vc, tables, lens, scale)
+
+    fns = {"paged": paged, "paged_one_pass": lambda i: paged(i, partitions=1), "sdpa": sdpa}
+    want = np.array(sdpa(0).astype(mx.float32))
+    diff = max(float(np.abs(np.array(f(0).astype(mx.float32)) - want).max()) for f in fns.values())
+    calls = 16
+    times = {name: [] for name in fns}
+    for _ in range(rounds):  # interleaved: one batch of calls of each per round
+        for name, fn in fns.items():
+            times[name] += gpu_seconds(fn, calls, 1)
+    times["gather_mlx"] = gpu_seconds(gather, 4, 3)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    sweep = {}
+    for parts in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        t = gpu_seconds(lambda i, p=parts: paged(i, partitions=p), calls, 3)
+        sweep[parts] = round(statistics.median(t) * 1e6, 1)
+    from tiny_llm_ref.paged_attention_cuda import choose_partitions, kv_heads_per_block
+
+    return {
+        "us": {name: round(t * 1e6, 1) for name, t in med.items()},
+        "paged_over_sdpa": round(ratio(times, "paged", "sdpa"), 3),
+        "one_pass_over_sdpa": round(ratio(times, "paged_one_pass", "sdpa"), 3),
+        "kv_read_gbs": round(kv_bytes / med["paged"] / 1e9, 1),
+        "sdpa_kv_read_gbs": round(kv_bytes / med["sdpa"] / 1e9, 1),
+        "read_bandwidth_fraction": round(kv_bytes / med["paged"] / bandwidth, 3),
+        "sdpa_bandwidth_fraction": round(kv_bytes / med["sdpa"] / bandwidth, 3),
+        "partitions": choose_partitions(batch * (h_kv // kv_heads_per_block(h_kv, d, 2)), context),
+        "partition_sweep_us": sweep,
+        "kv_copies": copies,
+        "max_abs_diff_vs_sdpa": float(f"{diff:.3g}"),
+    }
+
+
+def main_gpu(batch: int, rounds: int) -> None:
+    from tiny_llm_ref.paged_attention_cuda import runs_on_cuda
+
+    if not runs_on_cuda():
+        raise SystemExit(
+            f"--device gpu needs MLX with CUDA on an NVIDIA GPU (this is MLX {mx.__version__}, "
+            f"default device {mx.default_device()}): pdm install -G cuda --lockfile pdm.cuda.lock"
+        )
+    from tiny_llm_common.machine import describe_machine
+
+    t0 = time.perf_counter()
+    h_q, h_kv, d = GPU_HEADS
+    machine = f"{gpu_name()}; {describe_machine()}; MLX {mx.__version__} CUDA"
+    print(
+        f"decode attention on the GPU: B={batch}, H_q={h_q}, H_kv={h_kv}, D={d}, float16, "
+        f"block {GPU_BLOCK}; {machine}"
+    )
+    bw = gpu_bandwidth()
+    tiny = [mx.ones((4,)) + i for i in range(4)]
+    mx.eval(tiny)
+    overhead = statistics.median(gpu_seconds(lambda i: tiny[i % 4] * 2, 16, 7))
+    by_context = {}
+    for context in GPU_CONTEXTS:
+        by_context[context] = bench_gpu_context(batch, context, rounds, max(bw.values()))
+    after = gpu_bandwidth()
+    bw = {k: max(v, after[k]) for k, v in bw.items()}  # the better of before and after
+    bandwidth = max(bw.values())
+    for r in by_context.values():
+        r["read_bandwidth_fraction"] = round(r["kv_read_gbs"] * 1e9 / bandwidth, 3)
+        r["sdpa_bandwidth_fraction"] = round(r["sdpa_kv_read_gbs"] * 1e9 / bandwidth, 3)
+
+    print(
+        f"\nbandwidth: sum {bw['sum_read'] / 1e9:.0f} GB/s (read), copy "
+        f"{bw['copy_read_write'] / 1e9:.0f} GB/s (read + write); held to {bandwidth / 1e9:.0f}; "
+        f"one tiny MLX op costs {overhead * 1e6:.1f} us per call in the same timing\n"
+    )
+    print(
+        "| context | paged (split-K) | one pass | MLX SDPA | gather + MLX | paged / SDPA "
+        "| K/V read | of bandwidth | SDPA's |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for context, r in by_context.items():
+        us = r["us"]
+        print(
+            f"| {context} | {us['paged']:.0f} us | {us['paged_one_pass']:.0f} us "
+            f"| {us['sdpa']:.0f} us | {us['gather_mlx']:.0f} us | {r['paged_over_sdpa']:.2f} "
+            f"| {r['kv_read_gbs']:.0f} GB/s | {r['read_bandwidth_fraction']:.0%} "
+            f"| {r['sdpa_bandwidth_fraction']:.0%} |"
+        )
+    print("\nsplit-K: microseconds per call by partitions (the default's in brackets)")
+    for context, r in by_context.items():
+        row = ", ".join(
+            f"[{p}: {t}]" if p == r["partitions"] else f"{p}: {t}"
+            for p, t in r["partition_sweep_us"].items()
+        )
+        print(f"  context {context}: {row}")
+    print(f"({time.perf_counter() - t0:.1f} s)")
+    head = by_context[4096] if 4096 in by_context else next(iter(by_context.values()))
+    print(
+        json.dumps(
+            {
+                "bench": "paged",
+                "device": "gpu",
+                "machine": machine,
+                "batch": batch,
+                "heads": list(GPU_HEADS),
+                "dtype": "float16",
+                "block_size": GPU_BLOCK,
+                "paged_over_sdpa": {str(c): r["paged_over_sdpa"] for c, r in by_context.items()},
+                "read_bandwidth_fraction": head["read_bandwidth_fraction"],
+                "read_bandwidth_fraction_context": 4096,
+                "read_bandwidth_gbs": round(bandwidth / 1e9, 1),
+                "bandwidth_gbs": {k: round(v / 1e9, 1) for k, v in bw.items()},
+                "tiny_op_us": round(overhead * 1e6, 1),
+                "by_context": {str(c): r for c, r in by_context.items()},
+            }
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
+    if args.device == "gpu":
+        main_gpu(args.batch, args.rounds)
+        return
     if args.context % max(BLOCK_SIZES):
         ap.error(f"--context must be a multiple of {max(BLOCK_SIZES)}")
 

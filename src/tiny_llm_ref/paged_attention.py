@@ -21,6 +21,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
+from . import paged_attention_cuda as _cuda
 from .attention import scaled_dot_product_attention_grouped
 
 FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
@@ -272,7 +273,9 @@ def paged_attention(
 
     float32, float16, bfloat16. Every context must be in [1, max_blocks * block_size] and use
     block ids in [0, num_blocks). The kernel is built for head dims 64 and 128 (the course's
-    models); other head dims (the tests' tiny models) run `paged_attention_mlx`.
+    models); other head dims (the tests' tiny models) run `paged_attention_mlx`. On an NVIDIA GPU
+    (a CUDA build of MLX) the CUDA kernel of paged_attention_cuda.py runs instead of the
+    extension's.
     """
     num_blocks, block_size, _, head_dim = _check_pool(key_cache, value_cache)
     if head_dim not in KERNEL_HEAD_DIMS:
@@ -282,6 +285,10 @@ def paged_attention(
         with mx.stream(stream):
             return paged_attention_mlx(*args)
     tables, lens = _checked_tables(block_tables, context_lens, num_blocks, block_size)
+    if _cuda.runs_on_cuda(stream):  # an NVIDIA GPU: paged_attention_cuda.py, not the extension
+        return _cuda.paged_attention_cuda(
+            query, key_cache, value_cache, tables, lens, float(scale), stream=stream
+        )
     return _extension().paged_attention(
         query, key_cache, value_cache, tables, lens, float(scale), stream=stream
     )
@@ -301,6 +308,14 @@ def reshape_and_cache(
     so storing T tokens costs T rows, not a copy of the pool. Slots must be < the pool's
     slot count and distinct; negative slots are skipped."""
     _check_pool(key_cache, value_cache)
+    if _cuda.runs_on_cuda(stream):
+        # A custom CUDA kernel's outputs are new buffers: writing T rows would copy the pool.
+        # MLX's own scatter takes the pool's buffer over, so the pure-MLX write runs in place.
+        args = (key, value, key_cache, value_cache, slot_mapping)
+        if stream is None:
+            return reshape_and_cache_mlx(*args)
+        with mx.stream(stream):
+            return reshape_and_cache_mlx(*args)
     slots, _ = _index_array("slot_mapping", slot_mapping, 1)  # host values: checked in C++
     new_key_cache, new_value_cache = _extension().reshape_and_cache(
         key, value, key_cache, value_cache, slots, stream=stream
