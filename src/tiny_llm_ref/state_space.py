@@ -1,0 +1,162 @@
+"""Week 3 optional Day 11: a constant-size recurrent state next to a growing KV cache.
+
+Softmax attention must keep every key and value, because softmax(q . k_s) can only be computed
+once q is known. Drop the softmax and the past collapses into one matrix per head:
+
+    y_t = sum_{s <= t} gamma^(t - s) (q_t . k_s) v_s  =  q_t S_t,
+    S_t = gamma S_{t-1} + k_t^T v_t                     (S: [D_k, D_v], whatever t is)
+
+This is linear attention with a decay (RetNet's retention; a diagonal state-space model of the
+same shape). It has two equal forms: the *recurrent* one (a constant-size state, one update per
+token: how it decodes) and the *parallel* one (a masked [L, L] matrix, like causal attention:
+how it trains). The price of the constant state is capacity: `associative_recall` measures how
+well key -> value pairs written into a D x D state can be read back, next to softmax attention
+over a cache that keeps them all.
+
+Chapter: book/src/week3-11-state-space.md.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from tiny_llm_common.weights import ModelArgs
+
+from .kv_memory import dtype_size, kv_bytes_per_token
+
+
+def _decay_array(decay, heads: int) -> mx.array:
+    """decay as [H, 1, 1] float32, checked to lie in (0, 1]."""
+    d = np.asarray(np.array(decay) if isinstance(decay, mx.array) else decay, dtype=np.float64)
+    if d.ndim > 1 or (d.ndim == 1 and d.shape[0] != heads):
+        raise ValueError(f"decay must be a number or one per head ({heads}), got shape {d.shape}")
+    if not np.all((d > 0) & (d <= 1)):
+        raise ValueError(f"decay must lie in (0, 1], got {d}")
+    return mx.array(np.broadcast_to(d, (heads,)).astype(np.float32))[:, None, None]
+
+
+def _check_qkv(q: mx.array, k: mx.array, v: mx.array) -> None:
+    if q.ndim != 4 or q.shape != k.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"q {q.shape}, k {k.shape} must be [B, H, L, D_k] and v {v.shape} [B, H, L, D_v]"
+        )
+
+
+# -- task 1: one step of the recurrence (how it decodes) ---------------------------------------
+def recurrent_step(
+    state: mx.array, q: mx.array, k: mx.array, v: mx.array, decay
+) -> tuple[mx.array, mx.array]:
+    """One token: S' = decay * S + k^T v, y = q S'.
+
+    state [B, H, D_k, D_v]; q, k [B, H, D_k]; v [B, H, D_v]; decay a number or one per head.
+    Returns (y [B, H, D_v], the new state), float32.
+    """
+    if state.ndim != 4 or q.ndim != 3 or q.shape != k.shape or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"state {state.shape}, q {q.shape}, k {k.shape}, v {v.shape}: expected "
+            "[B, H, D_k, D_v], [B, H, D_k], [B, H, D_k], [B, H, D_v]"
+        )
+    if state.shape != (*q.shape, v.shape[2]):
+        raise ValueError(f"state {state.shape} does not fit q {q.shape} and v {v.shape}")
+    g = _decay_array(decay, q.shape[1])
+    q, k, v = (x.astype(mx.float32) for x in (q, k, v))
+    state = g * state.astype(mx.float32) + k[..., :, None] * v[..., None, :]
+    y = (q[..., None, :] @ state)[..., 0, :]
+    return y, state
+
+
+# -- task 2: the whole sequence, token by token ------------------------------------------------
+def recurrent_form(
+    q: mx.array, k: mx.array, v: mx.array, decay, state: mx.array | None = None
+) -> tuple[mx.array, mx.array]:
+    """Run `recurrent_step` over the L tokens of q, k [B, H, L, D_k], v [B, H, L, D_v], from
+    `state` (zeros when None). Returns (y [B, H, L, D_v], the final state [B, H, D_k, D_v])."""
+    _check_qkv(q, k, v)
+    B, H, L, dk = q.shape
+    if state is None:
+        state = mx.zeros((B, H, dk, v.shape[3]), dtype=mx.float32)
+    ys = []
+    for t in range(L):
+        y, state = recurrent_step(state, q[:, :, t], k[:, :, t], v[:, :, t], decay)
+        ys.append(y)
+    if not ys:
+        return mx.zeros((B, H, 0, v.shape[3]), dtype=mx.float32), state
+    return mx.stack(ys, axis=2), state
+
+
+# -- task 3: the same thing as one masked matrix product (how it trains) -----------------------
+def parallel_form(q: mx.array, k: mx.array, v: mx.array, decay) -> mx.array:
+    """y = (q k^T * W) v with W[t, s] = decay^(t - s) for s <= t, else 0 ([B, H, L, L]).
+
+    Equal to `recurrent_form(q, k, v, decay)[0]`, in float32."""
+    _check_qkv(q, k, v)
+    L = q.shape[2]
+    g = _decay_array(decay, q.shape[1])  # [H, 1, 1]
+    t = mx.arange(L)
+    gap = (t[:, None] - t[None, :]).astype(mx.float32)  # t - s
+    weights = mx.where(gap >= 0, mx.power(g, mx.maximum(gap, 0)), 0.0)  # [H, L, L]
+    q, k, v = (x.astype(mx.float32) for x in (q, k, v))
+    return ((q @ k.swapaxes(-1, -2)) * weights) @ v
+
+
+# -- task 4: memory per sequence -----------------------------------------------------------------
+def state_bytes(args: ModelArgs, dtype: mx.Dtype | str) -> int:
+    """Bytes of the recurrent state of one sequence if every attention layer of `args` were a
+    linear-attention layer: one [head_dim, head_dim] matrix per KV head (query heads that share
+    a KV head read the same sum of k^T v), per layer. Independent of the sequence length."""
+    d = args.head_dim
+    return args.num_hidden_layers * args.num_key_value_heads * d * d * dtype_size(dtype)
+
+
+def paged_kv_bytes(args: ModelArgs, n_tokens: int, block_size: int, dtype: mx.Dtype | str) -> int:
+    """Bytes the paged cache allocates for one sequence of `n_tokens`: whole blocks."""
+    for name, value, low in (("n_tokens", n_tokens, 0), ("block_size", block_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    blocks = -(-n_tokens // block_size)
+    return blocks * block_size * kv_bytes_per_token(args, dtype)
+
+
+def breakeven_tokens(args: ModelArgs) -> float:
+    """Tokens at which the KV cache (2 x D numbers per KV head and layer per token) holds as many
+    numbers as the state (D x D per KV head and layer): D / 2."""
+    return args.head_dim / 2
+
+
+# -- the experiment (provided): what a constant-size state forgets ------------------------------
+@dataclass(frozen=True)
+class RecallResult:
+    n_pairs: int
+    dim: int
+    linear_error: float  # mean relative error of values read back from the D x D state
+    softmax_error: float  # the same through softmax attention over all stored keys
+    state_numbers: int  # dim * dim, whatever n_pairs is
+    cache_numbers: int  # 2 * dim * n_pairs
+
+
+def associative_recall(n_pairs: int, dim: int = 64, seed: int = 0, sharpness: float = 8.0):
+    """Write `n_pairs` random (unit key, value) pairs, then query with each key.
+
+    Linear attention sums them into S = sum_i k_i^T v_i and answers q S: exact while the keys are
+    orthogonal, so it degrades once n_pairs approaches dim. Softmax attention with
+    scale `sharpness * sqrt(dim)` over all stored keys picks the matching one.
+    """
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((n_pairs, dim))
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    values = rng.standard_normal((n_pairs, dim))
+    q, k, v = (mx.array(x[None, None].astype(np.float32)) for x in (keys, keys, values))
+    _, state = recurrent_form(q, k, v, 1.0)  # gamma = 1: nothing fades, all n pairs are kept
+    linear = np.array((q @ state)[0, 0], dtype=np.float64)  # every key against the final state
+    scores = keys @ keys.T * sharpness * np.sqrt(dim)
+    p = np.exp(scores - scores.max(axis=1, keepdims=True))
+    soft = (p / p.sum(axis=1, keepdims=True)) @ values
+
+    def rel(x):
+        return float(np.mean(np.linalg.norm(x - values, axis=1) / np.linalg.norm(values, axis=1)))
+
+    return RecallResult(n_pairs, dim, rel(linear), rel(soft), dim * dim, 2 * dim * n_pairs)
