@@ -43,11 +43,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-len", type=int, default=512, help="most tokens a request may hold")
-    p.add_argument("--prompt-median", type=float, default=96.0)
-    p.add_argument("--output-median", type=float, default=48.0)
+    p.add_argument("--max-len", type=int, default=2048, help="most tokens a request may hold")
+    p.add_argument("--prompt-median", type=float, default=160.0)
+    p.add_argument("--output-median", type=float, default=64.0)
     p.add_argument("--sigma", type=float, default=0.8, help="spread of the log-normal lengths")
-    p.add_argument("--budget-seqs", type=int, default=8, help="KV budget, in max-length requests")
+    p.add_argument("--budget-seqs", type=int, default=4, help="KV budget, in max-length requests")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--system-prompt", type=int, default=192, help="shared prefix, tokens")
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.requests, args.max_len, args.system_prompt = 16, 256, 64
+        args.requests, args.max_len, args.system_prompt = 16, 512, 64
     return args
 
 
@@ -240,24 +240,31 @@ def main(argv=None) -> int:
     steps = engine.stats.steps
     held_paged = time_weighted_mean([s.time for s in steps], [s.running for s in steps])
     held_static = time_weighted_mean([r[0] for r in static_tl], [r[1] for r in static_tl])
-    paged_waste = time_weighted_mean(
-        [s.time for s in steps],
-        [1 - s.stored_tokens / s.allocated_slots if s.allocated_slots else 0 for s in steps],
+    # Waste: slot-seconds allocated but holding no token / slot-seconds allocated.
+    pt = [s.time for s in steps]
+    paged_waste = 1 - time_weighted_mean(pt, [s.stored_tokens for s in steps]) / (
+        time_weighted_mean(pt, [s.allocated_slots for s in steps])
     )
-    static_waste = time_weighted_mean([r[0] for r in static_tl],
-                                      [1 - r[3] / r[2] for r in static_tl])  # fmt: skip
+    st = [r[0] for r in static_tl]
+    static_waste = 1 - time_weighted_mean(st, [r[3] for r in static_tl]) / (
+        time_weighted_mean(st, [r[2] for r in static_tl])
+    )
     equal = sum(r.outputs[0].tokens == o for r, o in zip(results, static_out, strict=True))
 
     log("prefix caching, shared system prompt:")
     pre_prompts, pre_lens = make_requests(args, lm.tokenizer, shared_prefix=args.system_prompt)
-    short = [SamplingParams(max_tokens=min(n, 8), ignore_eos=True) for n in pre_lens]
+    half = max(
+        1, len(pre_prompts) // 2
+    )  # prefill is what it saves: half the requests, short answers
+    pre_prompts = pre_prompts[:half]
+    short = [SamplingParams(max_tokens=min(n, 4), ignore_eos=True) for n in pre_lens[:half]]
     pre_engine, _, pre_s = run_paged(model, pre_prompts, short, args, num_blocks, True)
 
     log("parallel sampling, n = 4:")
-    quarter = max(1, len(prompts) // 4)
+    eighth = max(1, len(prompts) // 8)  # n = 4 samples each
     sampled = [SamplingParams(max_tokens=n, n=4, temperature=0.8, seed=i, ignore_eos=True)
-               for i, n in enumerate(out_lens[:quarter])]  # fmt: skip
-    par_engine, _, par_s = run_paged(model, prompts[:quarter], sampled, args, num_blocks)
+               for i, n in enumerate(out_lens[:eighth])]  # fmt: skip
+    par_engine, _, par_s = run_paged(model, prompts[:eighth], sampled, args, num_blocks)
 
     if not args.no_plot:
         plot(static_tl, steps, budget_slots, PLOT)
