@@ -15,13 +15,13 @@ from __future__ import annotations
 import importlib
 import math
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 from tiny_llm_common.checkpoints import random_checkpoint
 from tiny_llm_common.grading import solution_name
 from tiny_llm_common.models.mlx_lm_oracle import build_mlx_lm_model
+from tiny_llm_common.models.mlx_lm_oracle import greedy_tokens as solo
 
 sol_model = importlib.import_module(f"{solution_name()}.model")
 engine_mod = importlib.import_module(f"{solution_name()}.engine")
@@ -44,18 +44,6 @@ def checkpoint(request):
 def llama():
     args, weights = random_checkpoint("llama", seed=4)
     return args, sol_model.Model(args, weights), build_mlx_lm_model(args, weights)
-
-
-def solo(oracle, prompt, max_tokens):
-    """mlx-lm's greedy tokens for `prompt` decoded alone."""
-    from mlx_lm.generate import generate_step
-
-    out = []
-    for token, logprobs in generate_step(mx.array(prompt), oracle, max_tokens=max_tokens):
-        top2 = np.sort(np.array(logprobs))[-2:]
-        assert top2[1] - top2[0] > 1e-3, "the oracle nearly ties: pick another seed"
-        out.append(int(token))
-    return out
 
 
 def random_prompts(vocab, count, seed, longest=30):

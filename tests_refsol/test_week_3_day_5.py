@@ -17,8 +17,6 @@ from __future__ import annotations
 import importlib
 from collections import Counter
 
-import mlx.core as mx
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -33,7 +31,8 @@ from hypothesis.stateful import (
 
 from tiny_llm_common.checkpoints import random_checkpoint
 from tiny_llm_common.grading import solution_name
-from tiny_llm_common.models.mlx_lm_oracle import build_mlx_lm_model
+from tiny_llm_common.models.mlx_lm_oracle import build_mlx_lm_model, greedy_tokens
+from tiny_llm_common.models.mlx_lm_oracle import seeded_samples as oracle_samples
 
 sol_model = importlib.import_module(f"{solution_name()}.model")
 engine_mod = importlib.import_module(f"{solution_name()}.engine")
@@ -63,33 +62,6 @@ def llama():
     return args, sol_model.Model(args, weights), build_mlx_lm_model(args, weights)
 
 
-def oracle_samples(oracle, prompt, params):
-    """Each of the request's n samples, drawn from mlx-lm's logits with the documented keys."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    samples = []
-    for i in range(params.n):
-        seed, cache, out = params.seed + i, make_prompt_cache(oracle), []
-        logits = oracle(mx.array([prompt], dtype=mx.int32), cache=cache)[0, -1]
-        for t in range(params.max_tokens):
-            row = logits.astype(mx.float32) / params.temperature
-            row = row - mx.logsumexp(row)
-            key = mx.random.key((seed * 1_000_003 + t) % (1 << 63))
-            scores = np.array(row + mx.random.gumbel(row.shape, key=key))
-            top2 = np.sort(scores)[-2:]
-            assert top2[1] - top2[0] > 1e-3, "the oracle's draw nearly ties: pick another seed"
-            out.append(int(np.argmax(scores)))
-            logits = oracle(mx.array([[out[-1]]], dtype=mx.int32), cache=cache)[0, -1]
-        samples.append(out)
-    return samples
-
-
-def solo_greedy(oracle, prompt, max_tokens):
-    from mlx_lm.generate import generate_step
-
-    return [int(t) for t, _ in generate_step(mx.array(prompt), oracle, max_tokens=max_tokens)]
-
-
 def ref_counts(cache):
     """How many blocks have each reference count (0 left out): id-free sharing."""
     return Counter(c for b in range(cache.num_blocks) if (c := cache.manager.ref_count(b)))
@@ -117,7 +89,7 @@ def test_n_seeded_samples_equal_the_oracle_draws(checkpoint):
     for i, out in enumerate(sampled.outputs):
         assert out.tokens == expected[i], f"sample {i}: {out.tokens} != oracle {expected[i]}"
         assert out.finish_reason == "length"
-    assert greedy.outputs[0].tokens == solo_greedy(oracle, other, 8)
+    assert greedy.outputs[0].tokens == greedy_tokens(oracle, other, 8)
     assert engine.stats.generated_tokens == 4 * 12 + 8
     assert_pool_empty(engine)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 from collections import Counter
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -32,6 +31,7 @@ from hypothesis.stateful import (
 from tiny_llm_common.checkpoints import random_checkpoint
 from tiny_llm_common.grading import solution_name
 from tiny_llm_common.models.mlx_lm_oracle import build_mlx_lm_model
+from tiny_llm_common.models.mlx_lm_oracle import greedy_tokens as solo
 
 sol_model = importlib.import_module(f"{solution_name()}.model")
 engine_mod = importlib.import_module(f"{solution_name()}.engine")
@@ -55,18 +55,6 @@ def checkpoint(request):
 def llama():
     args, weights = random_checkpoint("llama", seed=4)
     return args, sol_model.Model(args, weights), build_mlx_lm_model(args, weights)
-
-
-def solo(oracle, prompt, max_tokens):
-    """mlx-lm's greedy tokens for `prompt` decoded alone (never within 1e-3 of a tie)."""
-    from mlx_lm.generate import generate_step
-
-    out = []
-    for token, logprobs in generate_step(mx.array(prompt), oracle, max_tokens=max_tokens):
-        top2 = np.sort(np.array(logprobs))[-2:]
-        assert top2[1] - top2[0] > 1e-3, "the oracle nearly ties: pick another seed"
-        out.append(int(token))
-    return out
 
 
 def store(mgr, seq, tokens, n_cached):

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import importlib
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 from tiny_llm_common.checkpoints import random_checkpoint
 from tiny_llm_common.grading import solution_name
 from tiny_llm_common.models.mlx_lm_oracle import build_mlx_lm_model
+from tiny_llm_common.models.mlx_lm_oracle import greedy_tokens as solo
+from tiny_llm_common.models.mlx_lm_oracle import seeded_samples as oracle_samples
 
 sol_model = importlib.import_module(f"{solution_name()}.model")
 engine_mod = importlib.import_module(f"{solution_name()}.engine")
@@ -41,39 +42,6 @@ def checkpoint(request):
 def llama():
     args, weights = random_checkpoint("llama", seed=4)
     return args, sol_model.Model(args, weights), build_mlx_lm_model(args, weights)
-
-
-def solo(oracle, prompt, max_tokens):
-    """mlx-lm's greedy tokens for `prompt` decoded alone (never within 1e-3 of a tie)."""
-    from mlx_lm.generate import generate_step
-
-    out = []
-    for token, logprobs in generate_step(mx.array(prompt), oracle, max_tokens=max_tokens):
-        top2 = np.sort(np.array(logprobs))[-2:]
-        assert top2[1] - top2[0] > 1e-3, "the oracle nearly ties: pick another seed"
-        out.append(int(token))
-    return out
-
-
-def oracle_samples(oracle, prompt, params):
-    """The request's n samples drawn from mlx-lm's logits with the documented keys."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    samples = []
-    for i in range(params.n):
-        seed, cache, out = params.seed + i, make_prompt_cache(oracle), []
-        logits = oracle(mx.array([prompt], dtype=mx.int32), cache=cache)[0, -1]
-        for t in range(params.max_tokens):
-            row = logits.astype(mx.float32) / params.temperature
-            row = row - mx.logsumexp(row)
-            key = mx.random.key((seed * 1_000_003 + t) % (1 << 63))
-            scores = np.array(row + mx.random.gumbel(row.shape, key=key))
-            top2 = np.sort(scores)[-2:]
-            assert top2[1] - top2[0] > 1e-3, "the oracle's draw nearly ties: pick another seed"
-            out.append(int(np.argmax(scores)))
-            logits = oracle(mx.array([[out[-1]]], dtype=mx.int32), cache=cache)[0, -1]
-        samples.append(out)
-    return samples
 
 
 def workload(seed, count, longest_prompt, longest_output, prefix=()):

@@ -62,3 +62,46 @@ def build_mlx_lm_model(
     model.load_weights(list(flat.items()), strict=True)
     mx.eval(model.parameters())
     return model
+
+
+# -- decoding with the oracle (graders of the serving engine, Week 3 days 4-7) -------------------
+TIE_GAP = 1e-3  # a grader's oracle step must beat its runner-up by this much (nats)
+
+
+def greedy_tokens(oracle, prompt: list[int], max_tokens: int) -> list[int]:
+    """mlx-lm's greedy tokens for `prompt` decoded alone (its own KVCache, `generate_step`).
+    Fails if a step nearly ties, where float rounding could flip a correct implementation's
+    token: the grader must then pick another seed."""
+    import numpy as np
+    from mlx_lm.generate import generate_step
+
+    out = []
+    for token, logprobs in generate_step(mx.array(prompt), oracle, max_tokens=max_tokens):
+        top2 = np.sort(np.array(logprobs))[-2:]
+        assert top2[1] - top2[0] > TIE_GAP, "the oracle nearly ties: pick another seed"
+        out.append(int(token))
+    return out
+
+
+def seeded_samples(oracle, prompt: list[int], params) -> list[list[int]]:
+    """A request's `params.n` samples (temperature only), each decoded alone by mlx-lm and drawn
+    with the engine's documented key for sample i, token t: (seed + i) * 1_000_003 + t, by the
+    Gumbel-max trick (`mx.random.categorical` draws the same way)."""
+    import numpy as np
+    from mlx_lm.models.cache import make_prompt_cache
+
+    samples = []
+    for i in range(params.n):
+        seed, cache, out = params.seed + i, make_prompt_cache(oracle), []
+        logits = oracle(mx.array([prompt], dtype=mx.int32), cache=cache)[0, -1]
+        for t in range(params.max_tokens):
+            row = logits.astype(mx.float32) / params.temperature
+            row = row - mx.logsumexp(row)
+            key = mx.random.key((seed * 1_000_003 + t) % (1 << 63))
+            scores = np.array(row + mx.random.gumbel(row.shape, key=key))
+            top2 = np.sort(scores)[-2:]
+            assert top2[1] - top2[0] > TIE_GAP, "the oracle's draw nearly ties: pick another seed"
+            out.append(int(np.argmax(scores)))
+            logits = oracle(mx.array([[out[-1]]], dtype=mx.int32), cache=cache)[0, -1]
+        samples.append(out)
+    return samples
