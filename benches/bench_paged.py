@@ -293,13 +293,24 @@ def gpu_name() -> str:
         return "unknown GPU (no nvidia-smi)"
 
 
-def gpu_seconds(make, calls: int, rounds: int) -> list[float]:
+def gpu_seconds(make, calls: int, rounds: int, chain: bool = False) -> list[float]:
     """Seconds per call: `calls` calls (make(i) builds call i, lazily) evaluated together, the
-    graph built before the clock starts; one figure per round."""
-    mx.eval(make(0))  # compiles the kernel on first use (NVRTC)
+    graph built before the clock starts; one figure per round. chain=True: make(i, prev) gets
+    call i - 1's output (None for the first) and must use it, so the calls run one after
+    another as a model's layers do. Unchained calls are independent, and MLX's CUDA graph may
+    run them side by side: that measures throughput, and flatters a launch of few blocks."""
+
+    def build():
+        outs, prev = [], None
+        for i in range(calls):
+            prev = make(i, prev) if chain else make(i)
+            outs.append(prev)
+        return outs
+
+    mx.eval(make(0, None) if chain else make(0))  # compiles the kernel on first use (NVRTC)
     out = []
     for _ in range(rounds):
-        outs = [make(i) for i in range(calls)]
+        outs = build()
         mx.synchronize()
         t0 = time.perf_counter()
         mx.eval(outs)
@@ -347,45 +358,63 @@ def bench_gpu_context(batch: int, context: int, rounds: int, bandwidth: float) -
     sets, tables, lens = gpu_case(batch, context, copies, seed=context)
     scale = d**-0.5
 
-    def paged(i, **kw):
+    # Each call's query is the previous call's output (same shape): the calls are a chain, as
+    # a model's layers are, so their times add up (see gpu_seconds).
+    def paged(i, prev, **kw):
         q, _, _, kc, vc = sets[i % copies]
+        q = q if prev is None else prev
         if kw:
             return paged_attention_cuda(q, kc, vc, tables, lens, scale, **kw)
         return paged_attention(q, kc, vc, tables, lens, scale)  # the course's entry point
 
-    def sdpa(i):
+    def sdpa(i, prev):
         q, k, v, _, _ = sets[i % copies]
+        q = q if prev is None else prev
         return mx.fast.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)[:, :, 0]
 
-    def gather(i):
+    def gather(i, prev):
         q, _, _, kc, vc = sets[i % copies]
+        q = q if prev is None else prev
         return paged_attention_mlx(q, kc, vc, tables, lens, scale)
 
-    fns = {"paged": paged, "paged_one_pass": lambda i: paged(i, partitions=1), "sdpa": sdpa}
-    want = np.array(sdpa(0).astype(mx.float32))
-    diff = max(float(np.abs(np.array(f(0).astype(mx.float32)) - want).max()) for f in fns.values())
+    fns = {
+        "paged": paged,
+        "paged_one_pass": lambda i, prev: paged(i, prev, partitions=1),
+        "sdpa": sdpa,
+    }
+    want = np.array(sdpa(0, None).astype(mx.float32))
+    diff = max(
+        float(np.abs(np.array(f(0, None).astype(mx.float32)) - want).max()) for f in fns.values()
+    )
     calls = 16
     times = {name: [] for name in fns}
     for _ in range(rounds):  # interleaved: one batch of calls of each per round
         for name, fn in fns.items():
-            times[name] += gpu_seconds(fn, calls, 1)
-    times["gather_mlx"] = gpu_seconds(gather, 4, 3)
+            times[name] += gpu_seconds(fn, calls, 1, chain=True)
+    times["gather_mlx"] = gpu_seconds(gather, 4, 3, chain=True)
+    unchained = {  # the same calls, independent: throughput (see gpu_seconds)
+        name: round(statistics.median(gpu_seconds(lambda i, f=fn: f(i, None), calls, 3)) * 1e6, 1)
+        for name, fn in fns.items()
+    }
     med = {name: statistics.median(t) for name, t in times.items()}
     sweep = {}
     for parts in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-        t = gpu_seconds(lambda i, p=parts: paged(i, partitions=p), calls, 3)
+        t = gpu_seconds(lambda i, prev, p=parts: paged(i, prev, partitions=p), calls, 3, True)
         sweep[parts] = round(statistics.median(t) * 1e6, 1)
-    from tiny_llm_ref.paged_attention_cuda import choose_partitions, kv_heads_per_block
+    from tiny_llm_ref.paged_attention_cuda import choose_kv_heads, choose_partitions
 
     return {
         "us": {name: round(t * 1e6, 1) for name, t in med.items()},
+        "unchained_us": unchained,
         "paged_over_sdpa": round(ratio(times, "paged", "sdpa"), 3),
         "one_pass_over_sdpa": round(ratio(times, "paged_one_pass", "sdpa"), 3),
         "kv_read_gbs": round(kv_bytes / med["paged"] / 1e9, 1),
         "sdpa_kv_read_gbs": round(kv_bytes / med["sdpa"] / 1e9, 1),
         "read_bandwidth_fraction": round(kv_bytes / med["paged"] / bandwidth, 3),
         "sdpa_bandwidth_fraction": round(kv_bytes / med["sdpa"] / bandwidth, 3),
-        "partitions": choose_partitions(batch * (h_kv // kv_heads_per_block(h_kv, d, 2)), context),
+        "partitions": choose_partitions(
+            batch * (h_kv // choose_kv_heads(batch, h_kv, 1, d, 2)), context
+        ),
         "partition_sweep_us": sweep,
         "kv_copies": copies,
         "max_abs_diff_vs_sdpa": float(f"{diff:.3g}"),
@@ -412,7 +441,9 @@ def main_gpu(batch: int, rounds: int) -> None:
     bw = gpu_bandwidth()
     tiny = [mx.ones((4,)) + i for i in range(4)]
     mx.eval(tiny)
-    overhead = statistics.median(gpu_seconds(lambda i: tiny[i % 4] * 2, 16, 7))
+    overhead = statistics.median(
+        gpu_seconds(lambda i, prev: (tiny[i % 4] if prev is None else prev) * 2, 16, 7, True)
+    )
     by_context = {}
     for context in GPU_CONTEXTS:
         by_context[context] = bench_gpu_context(batch, context, rounds, max(bw.values()))
@@ -441,6 +472,14 @@ def main_gpu(batch: int, rounds: int) -> None:
             f"| {r['kv_read_gbs']:.0f} GB/s | {r['read_bandwidth_fraction']:.0%} "
             f"| {r['sdpa_bandwidth_fraction']:.0%} |"
         )
+    print(
+        "\nthe same calls independent (not chained; MLX may overlap them): "
+        + "; ".join(
+            f"{c}: paged {r['unchained_us']['paged']:.0f} us, one pass "
+            f"{r['unchained_us']['paged_one_pass']:.0f} us, SDPA {r['unchained_us']['sdpa']:.0f} us"
+            for c, r in by_context.items()
+        )
+    )
     print("\nsplit-K: microseconds per call by partitions (the default's in brackets)")
     for context, r in by_context.items():
         row = ", ".join(

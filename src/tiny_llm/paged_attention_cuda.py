@@ -36,10 +36,11 @@ FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 THREADS = 128
 #: Query heads one block serves at most (the ones that share its KV head); more are "sliced".
 MAX_HEADS = 8
-#: Split-K aims for about this many blocks. On an H100 (`pdm run bench-paged --device gpu`, 8
-#: sequences, its partition sweep) 64 blocks of 512-2048 tokens beat 128-512 shorter ones,
-#: which have more partial results to write and merge.
-TARGET_BLOCKS = 64
+#: Launches aim for about this many blocks (about 2 per SM of an H100's 132): first by giving
+#: each block fewer KV heads (`choose_kv_heads`), then by split-K. On an H100 (8 sequences,
+#: 32 / 8 heads, D = 128) about 256 blocks of 128 threads beat both 64 longer ones (too few
+#: bytes in flight) and 512 or more shorter ones (more starts, partial results and merging).
+TARGET_BLOCKS = 256
 #: ... without cutting the context finer than this many tokens per partition.
 MIN_PARTITION = 256
 
@@ -69,6 +70,18 @@ def kv_heads_per_block(h_kv: int, head_dim: int, itemsize: int) -> int:
     16 bytes per lane)."""
     workers = THREADS * 16 // (head_dim * itemsize)
     return max(k for k in range(1, min(h_kv, workers) + 1) if h_kv % k == 0)
+
+
+def choose_kv_heads(batch: int, h_kv: int, slices: int, head_dim: int, itemsize: int) -> int:
+    """KV heads per block for a launch: the most that divide H_kv, fit the block
+    (`kv_heads_per_block`) and still leave TARGET_BLOCKS blocks of (sequence, group of KV heads,
+    slice); else 1. Blocks of fewer heads cover more tokens each: splitting into them is cheaper
+    than split-K, which writes a partial result per range for the merge to read back."""
+    most = kv_heads_per_block(h_kv, head_dim, itemsize)
+    for k in range(most, 1, -1):
+        if h_kv % k == 0 and batch * (h_kv // k) * slices >= TARGET_BLOCKS:
+            return k
+    return 1
 
 
 def choose_partitions(pairs: int, capacity: int) -> int:
@@ -133,9 +146,12 @@ def _params(
     num_blocks, block_size, max_blocks, h_q, h_kv, slices, part_tokens, partitions, scale, kvg
 ) -> mx.array:
     """The kernel's int32 parameters (the Metal kernel's PagedAttentionParams), the scale as
-    its float32 bits. Cached: the paged cache asks for the same ones in every layer."""
+    its float32 bits, then log2(block_size) when it is a power of two (else -1). Cached: the
+    paged cache asks for the same ones in every layer."""
     bits = int(np.float32(scale).view(np.int32))
+    shift = block_size.bit_length() - 1 if block_size & (block_size - 1) == 0 else -1
     p = [num_blocks, block_size, max_blocks, h_q, h_kv, slices, part_tokens, partitions, bits, kvg]
+    p.append(shift)
     return mx.array(p, dtype=mx.int32)
 
 
@@ -308,8 +324,8 @@ def paged_attention_cuda(
         raise ValueError(f"partitions must be >= 1, got {partitions}")
     # TODO(Week 3 Day 2 (NVIDIA), task 2): launch the kernels of `_kernels()`.
     # 1. heads = min(H_q / H_kv, MAX_HEADS) query heads of each KV head per block, slices =
-    #    ceil(group / heads), kvg = kv_heads_per_block(H_kv, D, query.dtype.size), capacity =
-    #    max_blocks * block_size. partitions None: choose_partitions(B * (H_kv / kvg) * slices,
+    #    ceil(group / heads), kvg = choose_kv_heads(B, H_kv, slices, D, query.dtype.size),
+    #    capacity = max_blocks * block_size. partitions None: choose_partitions(B * (H_kv / kvg) * slices,
     #    capacity). part_tokens = ceil(capacity / partitions), then recompute partitions =
     #    ceil(capacity / part_tokens) (no partition may start past the capacity).
     # 2. params = _params(num_blocks, block_size, max_blocks, H_q, H_kv, slices, part_tokens,

@@ -36,10 +36,11 @@ FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 THREADS = 128
 #: Query heads one block serves at most (the ones that share its KV head); more are "sliced".
 MAX_HEADS = 8
-#: Split-K aims for about this many blocks. On an H100 (`pdm run bench-paged --device gpu`, 8
-#: sequences, its partition sweep) 64 blocks of 512-2048 tokens beat 128-512 shorter ones,
-#: which have more partial results to write and merge.
-TARGET_BLOCKS = 64
+#: Launches aim for about this many blocks (about 2 per SM of an H100's 132): first by giving
+#: each block fewer KV heads (`choose_kv_heads`), then by split-K. On an H100 (8 sequences,
+#: 32 / 8 heads, D = 128) about 256 blocks of 128 threads beat both 64 longer ones (too few
+#: bytes in flight) and 512 or more shorter ones (more starts, partial results and merging).
+TARGET_BLOCKS = 256
 #: ... without cutting the context finer than this many tokens per partition.
 MIN_PARTITION = 256
 
@@ -69,6 +70,18 @@ def kv_heads_per_block(h_kv: int, head_dim: int, itemsize: int) -> int:
     16 bytes per lane)."""
     workers = THREADS * 16 // (head_dim * itemsize)
     return max(k for k in range(1, min(h_kv, workers) + 1) if h_kv % k == 0)
+
+
+def choose_kv_heads(batch: int, h_kv: int, slices: int, head_dim: int, itemsize: int) -> int:
+    """KV heads per block for a launch: the most that divide H_kv, fit the block
+    (`kv_heads_per_block`) and still leave TARGET_BLOCKS blocks of (sequence, group of KV heads,
+    slice); else 1. Blocks of fewer heads cover more tokens each: splitting into them is cheaper
+    than split-K, which writes a partial result per range for the merge to read back."""
+    most = kv_heads_per_block(h_kv, head_dim, itemsize)
+    for k in range(most, 1, -1):
+        if h_kv % k == 0 and batch * (h_kv // k) * slices >= TARGET_BLOCKS:
+            return k
+    return 1
 
 
 def choose_partitions(pairs: int, capacity: int) -> int:
@@ -133,9 +146,12 @@ def _params(
     num_blocks, block_size, max_blocks, h_q, h_kv, slices, part_tokens, partitions, scale, kvg
 ) -> mx.array:
     """The kernel's int32 parameters (the Metal kernel's PagedAttentionParams), the scale as
-    its float32 bits. Cached: the paged cache asks for the same ones in every layer."""
+    its float32 bits, then log2(block_size) when it is a power of two (else -1). Cached: the
+    paged cache asks for the same ones in every layer."""
     bits = int(np.float32(scale).view(np.int32))
+    shift = block_size.bit_length() - 1 if block_size & (block_size - 1) == 0 else -1
     p = [num_blocks, block_size, max_blocks, h_q, h_kv, slices, part_tokens, partitions, bits, kvg]
+    p.append(shift)
     return mx.array(p, dtype=mx.int32)
 
 
@@ -186,7 +202,7 @@ _ATTENTION = r"""
 // Scores are kept in base 2 (q is scaled by scale * log2(e)): exp2f is one instruction.
 //
 // params: num_blocks, block_size, max_blocks, H_q, H_kv, slices, part_tokens, partitions,
-// scale (float bits), kvg (KV heads per block).
+// scale (float bits), kvg (KV heads per block), log2(block_size) or -1.
 template <typename T, int D, int HEADS, bool SPLIT>
 __device__ __forceinline__ void paged_attend(
     const T* __restrict__ query,
@@ -217,6 +233,7 @@ __device__ __forceinline__ void paged_attend(
   const int partitions = params[7];
   const float scale = __int_as_float(params[8]);
   const int kvg = params[9];
+  const int bs_shift = params[10];  // log2(block_size), or -1
   const int tpw = WORKERS / kvg;  // tokens the block reads side by side
 
   const int p = blockIdx.x;
@@ -284,12 +301,22 @@ __device__ __forceinline__ void paged_attend(
       kr[u] = make_uint4(0u, 0u, 0u, 0u);
       vr[u] = kr[u];
       if (ok[u]) {
-        const int block = table[t / block_size];  // logical block -> physical block
+        // Token -> (logical block, row): a shift and a mask for a power-of-two block size (the
+        // kernel is short of instruction issue, not only of bandwidth), else a division.
+        int lb, r;
+        if (bs_shift >= 0) {
+          lb = t >> bs_shift;
+          r = t & (block_size - 1);
+        } else {
+          lb = t / block_size;
+          r = t - lb * block_size;
+        }
+        const int block = table[lb];  // logical block -> physical block
         if (block < 0 || block >= num_blocks) {
           bad = true;
           ok[u] = false;
         } else {
-          const long long at = ((long long)block * block_size + t % block_size) * row;
+          const long long at = ((long long)block * block_size + r) * row;
           kr[u] = paged_load16(k_base + at, aligned);
           vr[u] = paged_load16(v_base + at, aligned);
         }
@@ -551,7 +578,7 @@ def paged_attention_cuda(
     group = h_q // h_kv
     heads = min(group, MAX_HEADS)  # query heads of each KV head per block
     slices = -(-group // heads)
-    kvg = kv_heads_per_block(h_kv, d, query.dtype.size)
+    kvg = choose_kv_heads(batch, h_kv, slices, d, query.dtype.size)
     capacity = block_tables.shape[1] * block_size
     if partitions is None:
         partitions = choose_partitions(batch * (h_kv // kvg) * slices, capacity)
