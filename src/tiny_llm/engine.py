@@ -115,13 +115,7 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
-        prompt = _check_prompt(prompt_tokens, self.vocab_size)
-        if len(prompt) >= self.max_seq_len:
-            raise ValueError(
-                f"prompt of {len(prompt)} tokens cannot be served: one sequence holds at most "
-                f"{self.max_seq_len} tokens (num_blocks * block_size, or the model's positions), "
-                "and it needs room for at least one generated token"
-            )
+        prompt = self._check_prompt(prompt_tokens)
         request_id = next(self._next_request)
         seed = params.seed if params.seed is not None else random.getrandbits(32)
         # Sample 0 is scheduled now; its n - 1 siblings are forked off it after its prefill.
@@ -254,8 +248,7 @@ class LLMEngine:
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
         encoded = [self._encode(p) for p in prompts]
         for tokens in encoded:  # fail before queueing anything
-            if len(_check_prompt(tokens, self.vocab_size)) >= self.max_seq_len:
-                raise ValueError(f"a prompt of {len(tokens)} tokens cannot fit in the pool")
+            self._check_prompt(tokens)
         ids = [self.add_request(t, p) for t, p in zip(encoded, plist, strict=True)]
         results = self.run(on_step)
         return [results[i] for i in ids]
@@ -267,16 +260,26 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return prompt
 
-
-def _check_prompt(prompt_tokens, vocab_size: int) -> list[int]:
-    if isinstance(prompt_tokens, str | bytes) or not hasattr(prompt_tokens, "__len__"):
-        raise TypeError(
-            f"prompt_tokens must be a list of token ids, got {type(prompt_tokens).__name__}"
-        )
-    prompt = list(prompt_tokens)
-    if not prompt:
-        raise ValueError("prompt_tokens is empty: the model needs at least one token to go on")
-    for t in prompt:
-        if isinstance(t, bool) or not isinstance(t, int | np.integer) or not 0 <= t < vocab_size:
-            raise ValueError(f"token id {t!r} is not an int in [0, {vocab_size})")
-    return [int(t) for t in prompt]
+    def _check_prompt(self, prompt_tokens) -> list[int]:
+        """The prompt as a list of ints, or a clear error if the engine could never serve it."""
+        if isinstance(prompt_tokens, str | bytes) or not hasattr(prompt_tokens, "__len__"):
+            raise TypeError(
+                f"prompt_tokens must be a list of token ids, got {type(prompt_tokens).__name__}"
+            )
+        prompt = list(prompt_tokens)
+        if not prompt:
+            raise ValueError("prompt_tokens is empty: the model needs at least one token to go on")
+        for t in prompt:
+            if (
+                isinstance(t, bool)
+                or not isinstance(t, int | np.integer)
+                or not 0 <= t < self.vocab_size
+            ):
+                raise ValueError(f"token id {t!r} is not an int in [0, {self.vocab_size})")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens cannot be served: one sequence holds at most "
+                f"{self.max_seq_len} tokens (num_blocks * block_size, or the model's positions), "
+                "and it needs room for at least one generated token"
+            )
+        return [int(t) for t in prompt]
