@@ -429,8 +429,9 @@ class QuantizedPagedKVCache(PagedKVCache):
         bits: int = 8,
         group_size: int = 32,
         dtype=mx.float16,
+        manager=None,
     ):
-        super().__init__(model_or_args, num_blocks, block_size, dtype=dtype)
+        super().__init__(model_or_args, num_blocks, block_size, dtype=dtype, manager=manager)
         _, _, h_kv, d = self.keys[0].shape
         _check_format(bits, group_size, d)
         self.bits, self.group_size = bits, group_size
