@@ -133,4 +133,15 @@ def post_install() -> None:
     _fetch_model()
     from tiny_llm_common.build_ext import build
 
-    build("ref")
+    try:
+        build("ref")
+    except SystemExit:
+        # `pdm install -G cuda` swaps in MLX's CUDA library; the CUDA paged kernel needs no
+        # extension (book/src/week3-cuda.md), so a build that fails there must not fail the install.
+        import mlx.core as mx
+
+        if not (hasattr(mx, "cuda") and mx.cuda.is_available()):
+            raise
+        print(
+            "note: the C++ extension did not build against CUDA MLX; the CUDA kernels do not need it"
+        )
