@@ -22,7 +22,7 @@ book/src/images/week3-serving-memory.png.
 
 On Linux the run restarts itself with NumPy's OpenBLAS preloaded for MLX's float32 matmuls
 (tiny_llm_common.fastblas; TINY_LLM_FAST_BLAS=0 turns that off), and the model's weights are
-dequantized to float32 (`--quantized` keeps MLX's 4-bit matmuls, which do not batch on a CPU).
+dequantized to float32 (`--quantized` keeps MLX's 4-bit matmuls instead).
 
 Run: pdm run bench-serving [--requests 64] [--quick] [--no-plot]
 """
@@ -205,12 +205,9 @@ def main(argv=None) -> int:
 
     reexec_with_fast_blas([__file__, *sys.argv[1:]])
 
-    import mlx.core as mx
-
     from tiny_llm_common.machine import describe_machine, detect_blas
     from tiny_llm_common.models import load_model
-    from tiny_llm_common.models.mlx_lm_oracle import dequantize
-    from tiny_llm_common.weights import QuantizedWeights
+    from tiny_llm_common.models.mlx_lm_oracle import dequantized_weights
     from tiny_llm_ref.model import Model
     from tiny_llm_ref.sequence import SamplingParams
 
@@ -218,9 +215,7 @@ def main(argv=None) -> int:
     lm = load_model(verbose=False)
     weights = lm.weights
     if not args.quantized:
-        weights = {k: dequantize(v) if isinstance(v, QuantizedWeights) else v
-                   for k, v in weights.items()}  # fmt: skip
-        mx.eval(weights)
+        weights = dequantized_weights(weights)
     model = Model(lm.args, weights)
     budget_slots = args.budget_seqs * args.max_len
     num_blocks = budget_slots // args.block_size

@@ -1,6 +1,7 @@
 """A fast float32 matmul for MLX on a Linux CPU, from the OpenBLAS that NumPy already ships.
 
-The `mlx[cpu]` wheel links the reference netlib BLAS: its float32 matmul runs at a few GFLOP/s,
+The `mlx[cpu]` wheel links the reference netlib BLAS: its float32 matmul runs at about 2 GFLOP/s
+(`python -m tiny_llm_common.fastblas` prints both speeds),
 so batching many sequences (the whole point of a serving engine) barely pays on a Linux CPU.
 NumPy's wheel bundles OpenBLAS, but with renamed, 64-bit-integer symbols
 (`scipy_cblas_sgemm64_`). A ten-line shim defining `cblas_sgemm` on top of it, preloaded with
@@ -88,8 +89,38 @@ def reexec_with_fast_blas(python_args: list[str], verbose: bool = True) -> None:
         return
     env = dict(os.environ, **{_ACTIVE: "1"})
     # One BLAS thread: MLX already keeps a core busy, and OpenBLAS's spinning worker threads
-    # slow small matmuls down several-fold on a loaded 2-core machine (measured: 3 vs 20 GFLOP/s).
+    # slow small matmuls down badly when the cores are shared with other work.
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
     env["LD_PRELOAD"] = ":".join(filter(None, [str(shim), os.environ.get("LD_PRELOAD")]))
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *python_args], env)
+
+
+def _matmul_gflops(m: int, k: int, n: int, reps: int = 20) -> float:
+    import time
+
+    import mlx.core as mx
+
+    a, b = mx.random.normal((m, k)), mx.random.normal((n, k))
+    mx.eval(a, b, a @ b.T)
+    start = time.perf_counter()
+    for _ in range(reps):
+        mx.eval(a @ b.T)
+    return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    """`python -m tiny_llm_common.fastblas`: MLX float32 matmul speed without and with the shim."""
+    shapes = {"1024 x 1024 x 1024": (1024, 1024, 1024), "SmolLM2 MLP, 32 tokens": (32, 576, 1536)}
+    if os.environ.get(_ACTIVE) is None:  # first the bundled BLAS, in a child without the shim
+        env = dict(os.environ, **{_ACTIVE: "0"})
+        subprocess.run([sys.executable, "-m", "tiny_llm_common.fastblas"], env=env, check=True)
+        reexec_with_fast_blas(["-m", "tiny_llm_common.fastblas"])
+        return  # no shim here: the child's line is all there is
+    label = "NumPy's OpenBLAS (shim)" if active() else "MLX's bundled BLAS"
+    figures = ", ".join(f"{name}: {_matmul_gflops(*s):.1f} GFLOP/s" for name, s in shapes.items())
+    print(f"{label}: {figures}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

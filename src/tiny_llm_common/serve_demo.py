@@ -54,11 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if argv is None:
         reexec_with_fast_blas(["-m", "tiny_llm_common.serve_demo", *sys.argv[1:]])
-    import mlx.core as mx
 
     from tiny_llm_common.models import load_model
-    from tiny_llm_common.models.mlx_lm_oracle import dequantize
-    from tiny_llm_common.weights import QuantizedWeights
+    from tiny_llm_common.models.mlx_lm_oracle import dequantized_weights
 
     try:
         engine_mod = importlib.import_module(f"{args.solution}.engine")
@@ -72,9 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(verbose=True)
     weights = loaded.weights
     if active() and not args.quantized:  # dense float32 matmuls batch well with OpenBLAS
-        weights = {k: dequantize(v) if isinstance(v, QuantizedWeights) else v
-                   for k, v in weights.items()}  # fmt: skip
-        mx.eval(weights)
+        weights = dequantized_weights(weights)
     tok = loaded.tokenizer
     model = model_mod.Model(loaded.args, weights)
     engine = engine_mod.LLMEngine(

@@ -21,6 +21,14 @@ def dequantize(w: QuantizedWeights, dtype=mx.float32) -> mx.array:
     )
 
 
+def dequantized_weights(weights: dict) -> dict:
+    """The same weights with every quantized matrix unpacked to dense float32 (evaluated), so
+    that its matmuls go to the BLAS; other tensors unchanged."""
+    out = {k: dequantize(v) if isinstance(v, QuantizedWeights) else v for k, v in weights.items()}
+    mx.eval(out)
+    return out
+
+
 def build_mlx_lm_model(
     args: ModelArgs,
     weights: dict,
